@@ -1,0 +1,31 @@
+"""Connectors (projectors and token reducers): `[B, N, Dv] → [B, N', Dllm]`.
+
+    from connectors import build_connector
+    proj = build_connector({"type": "mlp", "depth": 2}, vision_dim=1024, llm_dim=4096, num_tokens=576, grid_size=(24, 24))
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from vlm.registry import Registry
+
+CONNECTORS: Registry[nn.Module] = Registry("connector")
+register_connector = CONNECTORS.register
+
+
+def build_connector(cfg: Mapping[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
+                    grid_size: tuple[int, int] | None = None) -> nn.Module:
+    """Every connector module exposes `num_output_tokens: int` after construction."""
+    import importlib
+    import pkgutil
+
+    import connectors
+
+    for mod in pkgutil.iter_modules(connectors.__path__):
+        importlib.import_module(f"connectors.{mod.name}")
+    return CONNECTORS.build(cfg, vision_dim=vision_dim, llm_dim=llm_dim, num_tokens=num_tokens, grid_size=grid_size)
+
+
+__all__ = ["CONNECTORS", "build_connector", "register_connector"]

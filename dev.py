@@ -1,0 +1,55 @@
+"""The two README commands: `python3 dev.py demo` and `python3 dev.py test`.
+
+Each creates the project's virtual environment in `.venv/` when it is missing or when
+`pyproject.toml` changed since it was built, then runs the job inside it. Only a Python
+interpreter (3.10+) is needed on the machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("VLM_VENV", ROOT / ".venv"))
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+
+
+def _run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    rc = subprocess.call([str(c) for c in cmd], cwd=ROOT, **kw)
+    if rc != 0:
+        sys.exit(rc)
+
+
+def ensure_env() -> None:
+    """Create or refresh `.venv` so it matches pyproject.toml (stamp = its sha256)."""
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    stamp = VENV / ".vlm-ablate-installed"
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        return
+    if not PY.exists():
+        print(f"creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    _run([PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+    _run([PY, "-m", "pip", "install", "--quiet", "-e", ".[test]"])
+    stamp.write_text(digest)
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in {"demo", "test", "env"}:
+        sys.exit("usage: python3 dev.py demo [--quick] | test [pytest args] | env")
+    ensure_env()
+    job, rest = argv[0], argv[1:]
+    if job == "test":
+        _run([PY, "-m", "pytest", "-n", "2", "--dist", "loadfile", *rest])
+    elif job == "demo":
+        _run([BIN / "vlm", "demo", *rest])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
