@@ -1,0 +1,40 @@
+"""`avgpool`: average-pool the patch grid by `factor`×`factor` (default 2×2), then project.
+
+N = rows·cols tokens in row-major order become (rows/f)·(cols/f) tokens.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from connectors import register_connector
+from connectors._grid import build_projector, check_grid
+
+
+class AvgPoolConnector(nn.Module):
+    def __init__(self, grid: tuple[int, int], factor: int, projector: nn.Module) -> None:
+        super().__init__()
+        self.grid, self.factor = grid, factor
+        self.projector = projector
+        self.num_output_tokens = projector.num_output_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        rows, cols = self.grid
+        grid = x.transpose(1, 2).reshape(b, d, rows, cols)
+        pooled = F.avg_pool2d(grid, kernel_size=self.factor, stride=self.factor)
+        return self.projector(pooled.flatten(2).transpose(1, 2))
+
+
+@register_connector("avgpool")
+def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
+          grid_size: tuple[int, int] | None = None) -> nn.Module:
+    factor = cfg.get("factor", 2)
+    rows, cols = check_grid("avgpool", grid_size, num_tokens, factor)
+    out_grid = (rows // factor, cols // factor)
+    projector = build_projector(cfg.get("projector"), in_dim=vision_dim, llm_dim=llm_dim,
+                                num_tokens=out_grid[0] * out_grid[1], grid_size=out_grid)
+    return AvgPoolConnector((rows, cols), factor, projector)
