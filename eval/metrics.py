@@ -1,0 +1,299 @@
+"""Pure scorers: strings and numbers in, metrics out. No model, no I/O.
+
+Each scorer follows its benchmark's official evaluation semantics; the source of every rule is
+given in docs/eval_tasks.md and the edge cases are pinned by hand-worked tests.
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import defaultdict
+from typing import Iterable, Mapping, Sequence
+
+# --- VQA accuracy (official VQA evaluation script, GT-Vision-Lab/VQA vqaEval.py) -------------------
+
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# The official pattern is "(?!<=\d)(\.)(?!\d)": the first group is a (mistyped) look-ahead that never
+# fires before a '.', so the rule is "drop a period not followed by a digit". The official call passes
+# re.UNICODE as `count`, so at most 32 such periods are removed; we keep both behaviours.
+_PERIOD = re.compile(r"\.(?!\d)")
+_OFFICIAL_MAX_PERIODS = int(re.UNICODE)
+
+
+def vqa_process_punctuation(text: str) -> str:
+    """The official `processPunctuation`: a punctuation mark is deleted when it touches a space
+    (or when the text holds a digit,digit comma), otherwise replaced by a space; then periods not
+    followed by a digit are deleted."""
+    out = text
+    glued = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    for p in _PUNCT:
+        if p + " " in text or " " + p in text or glued:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD.sub("", out, count=_OFFICIAL_MAX_PERIODS)
+
+
+def vqa_process_digit_article(text: str) -> str:
+    """The official `processDigitArticle`: lower-case, number words → digits, drop articles,
+    restore missing apostrophes of contractions, re-join on single spaces."""
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def vqa_normalize(text: str) -> str:
+    return vqa_process_digit_article(vqa_process_punctuation(text))
+
+
+def _clean_ws(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _evalai_prediction(text: str) -> str:
+    """lmms-eval's EvalAIAnswerProcessor: lower-case, drop ',' and '?', split "'s", then the
+    official punctuation and digit/article rules."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return vqa_normalize(_clean_ws(text))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], normalize: str = "official") -> float:
+    """VQA accuracy of one prediction against the human answers (10 in VQAv2/TextVQA).
+
+    `normalize="official"`: as the official script: whitespace cleaned; answers AND prediction are
+    normalised only when the human answers are not all identical. `normalize="always"`: as lmms-eval:
+    the prediction is always normalised (EvalAI processor), the answers only when they differ.
+    Accuracy = mean over the leave-one-out subsets (leaving out by index) of min(#matches / 3, 1).
+    """
+    if normalize not in ("official", "always"):
+        raise ValueError(f"normalize must be 'official' or 'always', got {normalize!r}")
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one human answer")
+    gts = [_clean_ws(a) for a in answers]
+    pred = _clean_ws(prediction)
+    if normalize == "always":
+        pred = _evalai_prediction(pred)
+    if len(set(gts)) > 1:
+        gts = [vqa_normalize(a) for a in gts]
+        pred = vqa_normalize(pred)
+    accs = []
+    for i in range(len(gts)):
+        matches = sum(1 for j, a in enumerate(gts) if j != i and a == pred)
+        accs.append(min(1.0, matches / 3))
+    return sum(accs) / len(accs)
+
+
+# --- GQA -----------------------------------------------------------------------------------------------
+
+def gqa_normalize(text: str) -> str:
+    """Stated normalisation: whitespace collapsed, lower-case, trailing '.' removed (as LLaVA's GQA eval)."""
+    return " ".join(text.split()).lower().rstrip(".").strip()
+
+
+def gqa_exact_match(prediction: str, answer: str) -> float:
+    return float(gqa_normalize(prediction) == gqa_normalize(answer))
+
+
+# --- yes/no parsing, POPE, MME ----------------------------------------------------------------------
+
+def pope_parse(text: str) -> str:
+    """POPE's rule: keep the first sentence, drop commas; 'no' if it holds the word No/no/not, else 'yes'."""
+    first = text.split(".")[0] if "." in text else text
+    words = first.replace(",", "").split(" ")
+    return "no" if ("No" in words or "no" in words or "not" in words) else "yes"
+
+
+def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Binary metrics with 'yes' as the positive class; predictions are already 'yes'/'no'.
+
+    precision is 0 when nothing is predicted 'yes'; recall 0 when no label is 'yes'; F1 0 when both are 0.
+    """
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError("pope_metrics needs equally many, non-zero predictions and labels")
+    pairs = list(zip(predictions, labels))
+    tp = sum(p == "yes" and g == "yes" for p, g in pairs)
+    fp = sum(p == "yes" and g == "no" for p, g in pairs)
+    tn = sum(p == "no" and g == "no" for p, g in pairs)
+    fn = sum(p == "no" and g == "yes" for p, g in pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"acc": (tp + tn) / len(pairs), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": sum(p == "yes" for p in predictions) / len(predictions)}
+
+
+def mme_parse(text: str) -> str:
+    """MME's rule: 'yes'/'no' if the answer is exactly that (lower-cased); else look in its first
+    4 characters for 'yes' then 'no'; else 'other' (always wrong)."""
+    t = text.strip().lower()
+    if t in ("yes", "no"):
+        return t
+    head = t[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_metrics(records: Iterable[Mapping]) -> dict[str, float]:
+    """records: {category, image, pred ('yes'|'no'|'other'), answer}. Per category acc (per question)
+    and acc+ (images whose every question is right); score = 100·(acc + acc+); perception/cognition
+    totals sum the category scores present."""
+    by_cat: dict[str, list] = defaultdict(list)
+    for r in records:
+        by_cat[r["category"]].append(r)
+    out: dict[str, float] = {}
+    all_correct, all_plus = [], []
+    for cat, rs in sorted(by_cat.items()):
+        correct = [r["pred"] == r["answer"].strip().lower() for r in rs]
+        per_image: dict[str, list[bool]] = defaultdict(list)
+        for r, c in zip(rs, correct):
+            per_image[str(r["image"])].append(c)
+        plus = [all(v) for v in per_image.values()]
+        acc, acc_plus = sum(correct) / len(correct), sum(plus) / len(plus)
+        out[f"{cat}/acc"], out[f"{cat}/acc_plus"], out[f"{cat}/score"] = acc, acc_plus, 100 * (acc + acc_plus)
+        all_correct += correct
+        all_plus += plus
+    out["acc"] = sum(all_correct) / len(all_correct)
+    out["acc_plus"] = sum(all_plus) / len(all_plus)
+    out["perception_score"] = sum(out.get(f"{c}/score", 0.0) for c in MME_PERCEPTION)
+    out["cognition_score"] = sum(out.get(f"{c}/score", 0.0) for c in MME_COGNITION)
+    return out
+
+
+# --- multiple choice: letters, extraction, circular evaluation -------------------------------------
+
+LETTERS = string.ascii_uppercase
+
+
+def extract_choice(text: str, options: Sequence[str]) -> str | None:
+    """Rule-based choice extraction (MMBench's rules, no judge). Returns a letter or None.
+
+    The answer is split into words after turning `.()[],:;!*#{}` into spaces. (1) If exactly one
+    option letter occurs as a word, that letter -- except that "A" is ignored in answers of more than
+    3 words, where it is most likely the article. (2) Otherwise, if exactly one option's text occurs
+    in the answer (case-insensitive), that option. Otherwise None (a parse failure).
+    """
+    letters = LETTERS[: len(options)]
+    words = re.sub(r"[.()\[\],:;!*#{}]", " ", text).split()
+    found = [ch for ch in letters if ch in words]
+    if "A" in found and len(words) > 3:
+        found.remove("A")
+    if len(found) == 1:
+        return found[0]
+    if found:
+        return None
+    low = text.lower()
+    hits = [letters[i] for i, o in enumerate(options) if str(o).strip() and str(o).strip().lower() in low]
+    return hits[0] if len(hits) == 1 else None
+
+
+def letter_probabilities(logprobs: Sequence[float]) -> list[float]:
+    """Softmax of per-letter log-probs: the letter distribution renormalised over the options."""
+    m = max(logprobs)
+    exps = [math.exp(x - m) for x in logprobs]
+    z = sum(exps)
+    return [e / z for e in exps]
+
+
+def circular_accuracy(records: Iterable[Mapping]) -> dict[str, float]:
+    """MMBench CircularEval: records {group, correct}; a question counts only when every rotation of
+    its options is answered correctly. Also reports the plain per-rotation accuracy."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    n = c = 0
+    for r in records:
+        groups[str(r["group"])].append(bool(r["correct"]))
+        n += 1
+        c += bool(r["correct"])
+    return {"circular_acc": sum(all(v) for v in groups.values()) / len(groups), "vanilla_acc": c / n}
+
+
+# --- image-text matching ----------------------------------------------------------------------------
+
+def winoground_scores(s: Sequence[Sequence[float]]) -> dict[str, bool]:
+    """s[c][i] = score of caption c with image i (2×2). Text score: each image prefers its caption;
+    image score: each caption prefers its image; group: both (Thrush et al. 2022). Ties fail."""
+    text = s[0][0] > s[1][0] and s[1][1] > s[0][1]
+    image = s[0][0] > s[0][1] and s[1][1] > s[1][0]
+    return {"text": text, "image": image, "group": text and image}
+
+
+def argmax_correct(scores: Sequence[float], label: int) -> bool:
+    """True when the label's score is strictly the highest (a tie with another candidate fails)."""
+    best = max(scores)
+    return scores[label] == best and sum(1 for x in scores if x == best) == 1
+
+
+def spec_metrics(records: Iterable[Mapping]) -> dict[str, float]:
+    """records {subset, direction ('i2t'|'t2i'), correct}: accuracy per subset and direction, and the
+    unweighted mean over subsets per direction (SPEC's reporting)."""
+    acc: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    for r in records:
+        acc[(r["subset"], r["direction"])].append(bool(r["correct"]))
+    out = {f"{sub}/{d}": sum(v) / len(v) for (sub, d), v in sorted(acc.items())}
+    for d in ("i2t", "t2i"):
+        subs = [v for (sub, dd), v in acc.items() if dd == d]
+        if subs:
+            out[d] = sum(sum(v) / len(v) for v in subs) / len(subs)
+    if "i2t" in out and "t2i" in out:
+        out["mean"] = (out["i2t"] + out["t2i"]) / 2
+    return out
+
+
+def grouped_accuracy(records: Iterable[Mapping], key: str) -> dict[str, float]:
+    """Accuracy overall and per value of `key` (records hold `correct` and `key`)."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    allc = []
+    for r in records:
+        groups[str(r[key])].append(bool(r["correct"]))
+        allc.append(bool(r["correct"]))
+    out = {f"{key}={g}": sum(v) / len(v) for g, v in sorted(groups.items())}
+    out["acc"] = sum(allc) / len(allc)
+    return out
+
+
+def name_in_answer(answer: str, names: Sequence[str]) -> bool:
+    """Zhang et al.'s open-world rule: correct when a gold name (or synonym) occurs, case-insensitively."""
+    low = answer.lower()
+    return any(n.strip() and n.strip().lower() in low for n in names)
+
+
+def topk_correct(scores: Sequence[float], label: int, k: int) -> bool:
+    """The label is among the k highest scores (ties broken by index, lower first)."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return label in order[:k]

@@ -1,0 +1,160 @@
+"""Pairwise fine-grained V&L benchmarks scored by caption log-likelihood given the image
+(Bugliarello et al., ACL 2023): Winoground, VALSE, SVO-Probes; and VSR as true/false by the
+probability of the first answer token. A caption's score is its log-prob after a caption prompt
+(mean by default; `score: sum` to change)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from eval.base import TASKS, Task, score_field
+from eval.data import hf_rows, load_hf, open_image, read_records
+from eval.metrics import grouped_accuracy, winoground_scores
+from eval.spec import CAPTION_PROMPT
+from vlm.errors import UserError
+
+
+class PairwiseTask(Task):
+    family = "diagnostic"
+    default_split = "test"
+    image_columns: tuple[str, ...] = ()
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.field = score_field(cfg, "mean")
+        self.prompt = cfg.get("prompt", CAPTION_PROMPT)
+        self.root: Path | None = Path(cfg["image_root"]) if cfg.get("image_root") else None
+
+    def rows(self) -> list[dict]:
+        if self.cfg.get("hf"):
+            ds = load_hf(self.cfg["hf"], self.cfg.get("split", self.default_split), self.cfg.get("config"))
+            return hf_rows(ds, [c for c in self.image_columns if c in ds.column_names])
+        if self.cfg.get("data_file"):
+            path = Path(self.cfg["data_file"])
+            self.root = self.root or path.parent
+            return read_records(path)
+        raise UserError(f"task {self.name!r} ({self.cfg.get('type')}) needs `hf:` or `data_file:`.")
+
+    def caption_scores(self, model: Any, pairs: list[tuple[Any, list[str]]]) -> list[list[float]]:
+        """Score each (image ref, [captions]) pair: one shared prompt prefix per image."""
+        images = [open_image(im, self.root) for im, _ in pairs]
+        res = model.score(images, [self.prompt] * len(pairs), [c for _, c in pairs], chat_template=self.chat_template)
+        return [[r[self.field] for r in rr] for rr in res]
+
+
+@TASKS.register("winoground")
+class WinogroundTask(PairwiseTask):
+    """Text, image and group scores (Thrush et al. 2022). Local: JSONL lines {id, caption_0,
+    caption_1, image_0, image_1} with images at `image_root/<image_i>.png`."""
+
+    headline = "group"
+    image_columns = ("image_0", "image_1")
+
+    def items(self) -> list[dict]:
+        ext = self.cfg.get("image_ext", ".png")
+        out = []
+        for r in self.rows():
+            ims = [r[f"image_{i}"] for i in (0, 1)]
+            ims = [im + ext if isinstance(im, str) and not Path(im).suffix else im for im in ims]
+            out.append({"id": str(r["id"]), "captions": [r["caption_0"], r["caption_1"]], "images": ims})
+        return out
+
+    def predict(self, model: Any, batch: list[dict]) -> list[dict]:
+        flat = self.caption_scores(model, [(im, it["captions"]) for it in batch for im in it["images"]])
+        recs = []
+        for b, it in enumerate(batch):
+            by_image = flat[2 * b : 2 * b + 2]  # by_image[i][c]
+            s = [[by_image[i][c] for i in (0, 1)] for c in (0, 1)]
+            recs.append({"id": it["id"], "scores": s, **winoground_scores(s)})
+        return recs
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        n = len(records)
+        return {k: sum(bool(r[k]) for r in records) / n for k in ("text", "image", "group")}
+
+
+@TASKS.register("valse")
+class VALSETask(PairwiseTask):
+    """Pairwise accuracy acc_r: the caption must outscore its foil. Local: `data_files: {piece: json}`
+    in VALSE's format (key → {image_file, caption, foil}) with images under `image_root`."""
+
+    headline = "acc"
+
+    def items(self) -> list[dict]:
+        files = self.cfg.get("data_files") or ({"valse": self.cfg["data_file"]} if self.cfg.get("data_file") else None)
+        if not files:
+            raise UserError(f"task {self.name!r}: VALSE needs `data_files: {{piece: path}}` or `data_file`.")
+        out = []
+        for piece, path in files.items():
+            for r in read_records(path):
+                out.append({"id": f"{piece}/{r['id']}", "piece": piece, "image": r["image_file"],
+                            "caption": r["caption"], "foil": r["foil"]})
+        return out
+
+    def predict(self, model: Any, batch: list[dict]) -> list[dict]:
+        flat = self.caption_scores(model, [(it["image"], [it["caption"], it["foil"]]) for it in batch])
+        return [{"id": it["id"], "piece": it["piece"], "scores": s, "correct": s[0] > s[1]} for it, s in zip(batch, flat)]
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        out = grouped_accuracy(records, "piece")
+        pieces = [v for k, v in out.items() if k.startswith("piece=")]
+        out["acc_piece_mean"] = sum(pieces) / len(pieces)
+        return out
+
+
+@TASKS.register("svo_probes")
+class SVOProbesTask(PairwiseTask):
+    """The sentence must be more likely under its positive image than its negative one; accuracy
+    overall and by negative type (subject / verb / object). Local: SVO-Probes CSV (sentence,
+    pos_image_id, neg_image_id, subj_neg, verb_neg, obj_neg) with `image_root/<id>.jpg`."""
+
+    headline = "acc"
+    image_columns = ("pos_image", "neg_image")
+
+    def items(self) -> list[dict]:
+        tmpl = self.cfg.get("image_template", "{}.jpg")
+        out = []
+        for i, r in enumerate(self.rows()):
+            neg = next((t for t in ("subj", "verb", "obj") if str(r.get(f"{t}_neg", "")).lower() in ("true", "1")), "other")
+            pos = r["pos_image"] if "pos_image" in r else tmpl.format(r["pos_image_id"])
+            negim = r["neg_image"] if "neg_image" in r else tmpl.format(r["neg_image_id"])
+            out.append({"id": str(r.get("id", i)), "sentence": r["sentence"], "pos": pos, "neg": negim, "neg_type": neg})
+        return out
+
+    def predict(self, model: Any, batch: list[dict]) -> list[dict]:
+        flat = self.caption_scores(model, [(im, [it["sentence"]]) for it in batch for im in (it["pos"], it["neg"])])
+        return [{"id": it["id"], "neg_type": it["neg_type"], "scores": [flat[2 * b][0], flat[2 * b + 1][0]],
+                 "correct": flat[2 * b][0] > flat[2 * b + 1][0]} for b, it in enumerate(batch)]
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        return grouped_accuracy(records, "neg_type")
+
+
+@TASKS.register("vsr")
+class VSRTask(PairwiseTask):
+    """VSR: true iff p(first answer token = "Yes") > p("No") for the question of whether the caption
+    describes the image. Local: JSONL lines {image, caption, label (1/0), relation} + `image_root`."""
+
+    headline = "acc"
+    image_columns = ("image",)
+    QUESTION = "<image>\nDoes this caption correctly describe the image? {caption}\nAnswer yes or no."
+
+    def items(self) -> list[dict]:
+        return [{"id": str(r.get("id", i)), "image": r["image"], "caption": r["caption"], "label": int(r["label"]),
+                 "relation": r.get("relation", "")} for i, r in enumerate(self.rows())]
+
+    def predict(self, model: Any, batch: list[dict]) -> list[dict]:
+        yes_no = list(self.cfg.get("answers", ["Yes", "No"]))
+        prompt = self.cfg.get("prompt", self.QUESTION)
+        images = [open_image(it["image"], self.root) for it in batch]
+        res = model.score(images, [prompt.format(caption=it["caption"]) for it in batch], [yes_no] * len(batch),
+                          chat_template=self.chat_template)
+        recs = []
+        for it, r in zip(batch, res):
+            pred = int(r[0]["sum_logprob"] > r[1]["sum_logprob"])
+            recs.append({"id": it["id"], "relation": it["relation"], "label": it["label"], "pred": pred,
+                         "correct": pred == it["label"]})
+        return recs
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        return {"acc": sum(r["correct"] for r in records) / len(records)}

@@ -1,0 +1,131 @@
+"""Run eval tasks on a model and gather results; the `vlm eval` command.
+
+    vlm eval RUN_DIR                                   # the tasks of RUN_DIR/recipe.yaml `eval.tasks`
+    vlm eval RUN_DIR --tasks flowers102,pope           # other tasks, results into the run dir
+    vlm eval --model hf-llava:DIR --tasks pope --out DIR
+
+A task is a dict `{type, name, ...}`, the name of a recipe `recipes/eval/<name>.yaml`, or a dict
+`{recipe: <name>, <overrides>}`. Outputs: `OUT/eval/<task>/{predictions.jsonl, results.json}` and
+`OUT/results.json` = {tasks: {name: {family, headline, score, metrics}}, fine_grained, general, gap}.
+`gap = fine_grained - general` (negative when the model is worse at fine-grained classification
+than at general VQA, the usual case).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any, Sequence
+
+from eval.base import TASKS, Task
+from vlm.errors import UserError
+from vlm.io import atomic_write_json, read_json
+
+TASK_MODULES = ("eval.classification", "eval.probe", "eval.vqa", "eval.spec", "eval.pairwise")
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "eval"
+
+
+def _load_yaml(path: Path) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def resolve_task(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """A task spec → its full config dict (recipe names looked up in recipes/eval/)."""
+    if isinstance(spec, str):
+        spec = {"recipe": spec}
+    spec = dict(spec)
+    if "recipe" in spec:
+        ref = str(spec.pop("recipe"))
+        path = Path(ref) if ref.endswith((".yaml", ".yml")) else RECIPE_DIR / f"{ref}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+            raise UserError(f"eval task recipe {ref!r} not found ({path}); known: {', '.join(known)}.")
+        base = _load_yaml(path)
+        base.setdefault("name", path.stem)
+        spec = {**base, **spec}
+    if "type" not in spec:
+        raise UserError(f"eval task {spec!r} has no 'type'; name a recipe or give `type:`.")
+    spec.setdefault("name", spec["type"])
+    return spec
+
+
+def build_task(cfg: dict[str, Any]) -> Task:
+    for mod in TASK_MODULES:
+        importlib.import_module(mod)
+    return TASKS.build(cfg)
+
+
+def summarize(tasks: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Mean headline score of the fine-grained classification tasks and of the general VQA tasks."""
+    def mean(family: str) -> float | None:
+        vals = [t["score"] for t in tasks.values() if t.get("family") == family]
+        return sum(vals) / len(vals) if vals else None
+
+    fg, gen = mean("fine_grained"), mean("general")
+    return {"fine_grained": fg, "general": gen, "gap": fg - gen if fg is not None and gen is not None else None}
+
+
+def evaluate(model: Any, tasks_cfg: Sequence[str | dict[str, Any]], out_dir: str | Path, *, batch_size: int = 8,
+             limit: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Evaluate `model` on every task, resuming from predictions already in `out_dir/eval/<task>/`."""
+    out_dir = Path(out_dir)
+    cfgs = [resolve_task(t) for t in tasks_cfg]
+    if limit is not None:
+        cfgs = [{**c, "limit": limit} for c in cfgs]
+    names = [c["name"] for c in cfgs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"eval task names must be unique; repeated: {dup}. Give each a distinct `name`.")
+    tasks = [build_task(c) for c in cfgs]
+    results_path = out_dir / "results.json"
+    results = read_json(results_path) if results_path.exists() else {}
+    results.setdefault("tasks", {})
+    for task in tasks:
+        res = task.run(model, out_dir / "eval" / task.name, batch_size=batch_size, overwrite=overwrite)
+        results["tasks"][task.name] = {k: res[k] for k in ("type", "family", "headline", "score", "num_items", "metrics")}
+        results.update(summarize(results["tasks"]))
+        atomic_write_json(results_path, results)
+    return results
+
+
+def configure_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", nargs="?", help="a run dir (model, eval.tasks of its recipe.yaml, output)")
+    parser.add_argument("--model", help="a model spec for load_vlm (hf-llava:<dir>, a recipe, zoo:<name>)")
+    parser.add_argument("--tasks", help="comma-separated task recipe names (recipes/eval/*.yaml) or YAML files")
+    parser.add_argument("--out", help="output dir (default: the run dir)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier predictions of these tasks")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if bool(args.run_dir) == bool(args.model):
+        raise UserError("give either a RUN_DIR or --model SPEC (not both, not neither): "
+                        "`vlm eval RUN_DIR` or `vlm eval --model SPEC --tasks a,b --out DIR`.")
+    tasks: list[Any]
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    elif args.run_dir:
+        recipe = Path(args.run_dir) / "recipe.yaml"
+        if not recipe.exists():
+            raise UserError(f"{args.run_dir} has no recipe.yaml; is it a run dir? Or pass --tasks.")
+        tasks = list(((_load_yaml(recipe) or {}).get("eval") or {}).get("tasks") or [])
+        if not tasks:
+            raise UserError(f"{recipe} lists no `eval: {{tasks: [...]}}`; pass --tasks a,b.")
+    else:
+        raise UserError("--model needs --tasks a,b (task recipe names from recipes/eval/).")
+    out = args.out or args.run_dir
+    if not out:
+        raise UserError("--model needs --out DIR for the results.")
+    from vlm import load_vlm
+
+    model = load_vlm(args.run_dir or args.model)
+    results = evaluate(model, tasks, out, batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite)
+    for name, t in results["tasks"].items():
+        print(f"{name:24s} {t['headline']:>22s} = {t['score']:.4f}")
+    for key in ("fine_grained", "general", "gap"):
+        if results.get(key) is not None:
+            print(f"{key:24s} {'':>22s}   {results[key]:.4f}")
+    return 0

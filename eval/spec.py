@@ -1,0 +1,79 @@
+"""SPEC (Peng et al., CVPR 2024): image-text matching where the K candidates differ in one attribute
+(absolute/relative size, absolute/relative position, existence, count).
+
+Layout: `path/<subset>/image2text.json` and `text2image.json`, lists of `{query, keys[K], label}`;
+image paths relative to the subset folder (or `image_root`). A text's score given an image is its
+log-likelihood after a caption prompt (mean log-prob by default, `score: sum` to change).
+I2T: the image query picks the best of K texts; T2I: the text query picks the image under which it is
+most likely. Accuracy per subset and direction; headline = unweighted mean over subsets of (I2T+T2I)/2.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from eval.base import TASKS, Task, score_field
+from eval.data import open_image
+from eval.metrics import argmax_correct, spec_metrics
+from vlm.errors import UserError
+
+SUBSETS = ("absolute_size", "relative_size", "absolute_position", "relative_position", "existence", "count")
+CAPTION_PROMPT = "<image>\nDescribe the image in one sentence."
+
+
+@TASKS.register("spec")
+class SPECTask(Task):
+    family = "diagnostic"
+    headline = "mean"
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        if not cfg.get("path"):
+            raise UserError(f"task {self.name!r}: SPEC needs `path:` (the folder holding the subset folders).")
+        self.field = score_field(cfg, "mean")
+        self.prompt = cfg.get("prompt", CAPTION_PROMPT)
+
+    def items(self) -> list[dict]:
+        root = Path(self.cfg["path"])
+        subsets = self.cfg.get("subsets") or [s for s in SUBSETS if (root / s).is_dir()]
+        if not subsets:
+            raise UserError(f"SPEC: no subset folders ({', '.join(SUBSETS)}) under {root}.")
+        out = []
+        for sub in subsets:
+            img_root = Path(self.cfg["image_root"]) / sub if self.cfg.get("image_root") else root / sub
+            for direction, fname in (("i2t", "image2text.json"), ("t2i", "text2image.json")):
+                path = root / sub / fname
+                if not path.exists():
+                    raise UserError(f"SPEC: {path} is missing.")
+                for n, e in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+                    if not 0 <= int(e["label"]) < len(e["keys"]):
+                        raise UserError(f"SPEC: {path} entry {n} has label {e['label']} outside its {len(e['keys'])} keys.")
+                    out.append({"id": f"{sub}/{direction}/{n}", "subset": sub, "direction": direction,
+                                "query": e["query"], "keys": list(e["keys"]), "label": int(e["label"]),
+                                "root": str(img_root)})
+        return out
+
+    def predict(self, model: Any, batch: list[dict]) -> list[dict]:
+        images, prompts, conts, owner = [], [], [], []
+        for b, it in enumerate(batch):
+            if it["direction"] == "i2t":
+                images.append(open_image(it["query"], it["root"]))
+                prompts.append(self.prompt)
+                conts.append(it["keys"])
+                owner.append(b)
+            else:
+                for key in it["keys"]:
+                    images.append(open_image(key, it["root"]))
+                    prompts.append(self.prompt)
+                    conts.append([it["query"]])
+                    owner.append(b)
+        flat = model.score(images, prompts, conts, chat_template=self.chat_template)
+        scores: list[list[float]] = [[] for _ in batch]
+        for b, res in zip(owner, flat):
+            scores[b].extend(r[self.field] for r in res)
+        return [{"id": it["id"], "subset": it["subset"], "direction": it["direction"], "label": it["label"],
+                 "scores": sc, "correct": argmax_correct(sc, it["label"])} for it, sc in zip(batch, scores)]
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        return spec_metrics(records)

@@ -1,0 +1,299 @@
+"""General VQA tasks: VQAv2, TextVQA, GQA, POPE, MME (short answers, greedy generation) and the
+multiple-choice MMBench (circular) and ScienceQA-IMG. Data from an HF dataset (`hf`, `config`,
+`split`) or the benchmark's own local files (see docs/eval_tasks.md for each layout)."""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from eval.base import TASKS, Task
+from eval.data import B64Image, hf_rows, load_hf, open_image, read_records
+from eval.metrics import (LETTERS, extract_choice, gqa_exact_match, letter_probabilities, mme_metrics, mme_parse,
+                          pope_metrics, pope_parse, vqa_accuracy)
+from vlm.errors import UserError
+
+SHORT = "<image>\n{question}\nAnswer the question using a single word or phrase."
+LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+def _need(cfg: dict, *keys: str) -> None:
+    if not any(cfg.get(k) for k in keys):
+        raise UserError(f"task {cfg.get('name')!r} ({cfg.get('type')}) needs one of {list(keys)} as its data source.")
+
+
+class ShortAnswerTask(Task):
+    """Greedy generation of a short answer per item; subclasses load rows and score records."""
+
+    family = "general"
+    default_prompt = SHORT
+    default_split = "validation"
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.prompt = cfg.get("prompt", self.default_prompt)
+        self.max_new_tokens = int(cfg.get("max_new_tokens", 16))
+        self.root: Path | None = Path(cfg["image_root"]) if cfg.get("image_root") else None
+
+    def _hf(self, image_column: str = "image") -> list[dict]:
+        ds = load_hf(self.cfg["hf"], self.cfg.get("split", self.default_split), self.cfg.get("config"))
+        return hf_rows(ds, [image_column] if image_column in ds.column_names else [])
+
+    def predict(self, model: Any, batch: list[dict]) -> list[dict]:
+        images = [open_image(it["image"], self.root) for it in batch]
+        prompts = [self.prompt.format(question=it["question"]) for it in batch]
+        outs = model.generate(images, prompts, chat_template=self.chat_template, max_new_tokens=self.max_new_tokens)
+        return [self.record(it, out) for it, out in zip(batch, outs)]
+
+    def record(self, item: dict, output: str) -> dict:
+        return {k: v for k, v in item.items() if k != "image"} | {"prediction": output}
+
+
+@TASKS.register("vqav2", "textvqa")
+class VQATask(ShortAnswerTask):
+    """VQA accuracy (`normalize: official` or `always`, the lmms-eval variant)."""
+
+    headline = "acc"
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.normalize = cfg.get("normalize", "official")
+        if self.normalize not in ("official", "always"):
+            raise UserError(f"task {self.name!r}: normalize must be 'official' or 'always'.")
+
+    def items(self) -> list[dict]:
+        _need(self.cfg, "hf", "questions_file", "data_file")
+        if self.cfg.get("hf"):
+            rows = self._hf()
+        elif self.cfg["type"] == "vqav2":
+            rows = self._vqav2_local()
+        else:  # TextVQA_0.5.1_val.json: {"data": [{question_id, question, image_id, answers}]}
+            data = json.loads(Path(self.cfg["data_file"]).read_text())["data"]
+            self.root = self.root or Path(self.cfg["data_file"]).parent
+            rows = [{**d, "image": f"{d['image_id']}.jpg"} for d in data]
+        out = []
+        for r in rows:
+            answers = [a["answer"] if isinstance(a, dict) else a for a in r["answers"]]
+            out.append({"id": str(r["question_id"]), "question": r["question"], "image": r["image"], "answers": answers,
+                        "answer_type": r.get("answer_type", "all")})
+        return out
+
+    def _vqav2_local(self) -> list[dict]:
+        _need(self.cfg, "questions_file")
+        qs = json.loads(Path(self.cfg["questions_file"]).read_text())["questions"]
+        anns = {a["question_id"]: a for a in json.loads(Path(self.cfg["annotations_file"]).read_text())["annotations"]}
+        tmpl = self.cfg.get("image_template", "COCO_val2014_{image_id:012d}.jpg")
+        self.root = self.root or Path(self.cfg["questions_file"]).parent
+        return [{**q, "answers": anns[q["question_id"]]["answers"], "answer_type": anns[q["question_id"]]["answer_type"],
+                 "image": tmpl.format(image_id=q["image_id"])} for q in qs]
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        per_type: dict[str, list[float]] = defaultdict(list)
+        for r in records:
+            per_type[r["answer_type"]].append(vqa_accuracy(r["prediction"], r["answers"], self.normalize))
+        allv = [v for vs in per_type.values() for v in vs]
+        out = {"acc": sum(allv) / len(allv)}
+        if len(per_type) > 1:
+            out |= {f"acc/{t}": sum(v) / len(v) for t, v in sorted(per_type.items())}
+        return out
+
+
+@TASKS.register("gqa")
+class GQATask(ShortAnswerTask):
+    """GQA exact match after `gqa_normalize`. Local: the official questions JSON (qid → {imageId,
+    question, answer}) and `image_root/<imageId>.jpg`."""
+
+    headline = "acc"
+    default_split = "testdev"
+
+    def items(self) -> list[dict]:
+        _need(self.cfg, "hf", "data_file")
+        if self.cfg.get("hf"):
+            rows = self._hf()
+        else:
+            self.root = self.root or Path(self.cfg["data_file"]).parent
+            rows = [{**r, "image": f"{r['imageId']}.jpg"} for r in read_records(self.cfg["data_file"])]
+        return [{"id": str(r["id"]), "question": r["question"], "image": r["image"], "answer": r["answer"]} for r in rows]
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        return {"acc": sum(gqa_exact_match(r["prediction"], r["answer"]) for r in records) / len(records)}
+
+
+@TASKS.register("pope")
+class POPETask(ShortAnswerTask):
+    """POPE: yes/no parsed with POPE's rule; acc, precision, recall, F1, yes-ratio overall and per
+    category. Local: `data_files: {category: pope jsonl}` with lines {question_id, image, text, label}."""
+
+    headline = "f1"
+    default_split = "test"
+
+    def items(self) -> list[dict]:
+        _need(self.cfg, "hf", "data_files")
+        if self.cfg.get("hf"):
+            return [{"id": str(r["question_id"]), "question": r["question"], "image": r["image"],
+                     "label": r["answer"].strip().lower(), "category": r.get("category", "all")} for r in self._hf()]
+        out = []
+        for cat, path in self.cfg["data_files"].items():
+            for r in read_records(path):
+                out.append({"id": f"{cat}-{r['question_id']}", "question": r["text"], "image": r["image"],
+                            "label": r["label"].strip().lower(), "category": cat})
+        return out
+
+    def record(self, item: dict, output: str) -> dict:
+        return super().record(item, output) | {"pred": pope_parse(output)}
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        out = pope_metrics([r["pred"] for r in records], [r["label"] for r in records])
+        cats = sorted({r["category"] for r in records})
+        if len(cats) > 1:
+            for c in cats:
+                rs = [r for r in records if r["category"] == c]
+                out |= {f"{c}/{k}": v for k, v in pope_metrics([r["pred"] for r in rs], [r["label"] for r in rs]).items()}
+        return out
+
+
+@TASKS.register("mme")
+class MMETask(ShortAnswerTask):
+    """MME: yes/no per question (MME's parser), acc and acc+ per category, perception/cognition scores.
+    Local: the release folder, one subfolder per category holding `<img>.txt` files of
+    `question<TAB>answer` lines next to the images (or in `questions_answers_YN/` + `images/`)."""
+
+    headline = "acc"
+    default_prompt = "<image>\n{question}"
+    default_split = "test"
+
+    def items(self) -> list[dict]:
+        _need(self.cfg, "hf", "path")
+        if self.cfg.get("hf"):
+            return [{"id": f"{r['question_id']}-{i}", "image_key": r["question_id"], "question": r["question"],
+                     "image": r["image"], "answer": r["answer"], "category": r["category"]}
+                    for i, r in enumerate(self._hf())]
+        out = []
+        for cat_dir in sorted(p for p in Path(self.cfg["path"]).iterdir() if p.is_dir()):
+            qa_dir = cat_dir / "questions_answers_YN" if (cat_dir / "questions_answers_YN").is_dir() else cat_dir
+            img_dir = cat_dir / "images" if (cat_dir / "images").is_dir() else cat_dir
+            for txt in sorted(qa_dir.glob("*.txt")):
+                img = next((p for p in img_dir.glob(txt.stem + ".*") if p.suffix.lower() in (".jpg", ".png", ".jpeg")), None)
+                if img is None:
+                    raise UserError(f"MME: no image for {txt}.")
+                for j, line in enumerate(l for l in txt.read_text(encoding="utf-8").splitlines() if l.strip()):
+                    q, a = line.rsplit("\t", 1)
+                    out.append({"id": f"{cat_dir.name}/{txt.stem}-{j}", "image_key": f"{cat_dir.name}/{img.name}",
+                                "question": q, "image": str(img), "answer": a, "category": cat_dir.name})
+        return out
+
+    def record(self, item: dict, output: str) -> dict:
+        return super().record(item, output) | {"pred": mme_parse(output)}
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        return mme_metrics({**r, "image": r["image_key"]} for r in records)
+
+
+class ChoiceTask(Task):
+    """Multiple choice by generation + rule-based letter extraction (`mode: generate`, default) or by
+    the renormalised letter probabilities (`mode: likelihood`)."""
+
+    family = "general"
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.mode = cfg.get("mode", "generate")
+        if self.mode not in ("generate", "likelihood"):
+            raise UserError(f"task {self.name!r}: mode must be 'generate' or 'likelihood'.")
+        self.root: Path | None = Path(cfg["image_root"]) if cfg.get("image_root") else None
+
+    def prompt(self, item: dict) -> str:
+        opts = "\n".join(f"{LETTERS[j]}. {o}" for j, o in enumerate(item["options"]))
+        hint = f"{item['hint']}\n" if item.get("hint") else ""
+        return f"<image>\n{hint}{item['question']}\n{opts}\n{LETTER_SUFFIX}"
+
+    def predict(self, model: Any, batch: list[dict]) -> list[dict]:
+        images = [open_image(it["image"], self.root) for it in batch]
+        prompts = [self.prompt(it) for it in batch]
+        recs = [{k: v for k, v in it.items() if k != "image"} for it in batch]
+        if self.mode == "generate":
+            outs = model.generate(images, prompts, chat_template=self.chat_template,
+                                  max_new_tokens=int(self.cfg.get("max_new_tokens", 16)))
+            for rec, out in zip(recs, outs):
+                rec.update(prediction=out, pred=extract_choice(out, rec["options"]))
+        else:
+            scores = model.score(images, prompts, [list(LETTERS[: len(it["options"])]) for it in batch],
+                                 chat_template=self.chat_template)
+            for rec, sc in zip(recs, scores):
+                probs = letter_probabilities([s["sum_logprob"] for s in sc])
+                rec.update(probs=probs, pred=LETTERS[probs.index(max(probs))])
+        for rec in recs:
+            rec["correct"] = rec["pred"] == rec["answer"]
+        return recs
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        n = len(records)
+        return {"acc": sum(r["correct"] for r in records) / n,
+                "parse_failure": sum(r["pred"] is None for r in records) / n}
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v)) and str(v).strip() not in ("", "nan")
+
+
+@TASKS.register("mmbench")
+class MMBenchTask(ChoiceTask):
+    """MMBench with CircularEval: every question is asked once per rotation of its options and counts
+    only when all rotations are right. Local: the official TSV (base64 `image` column)."""
+
+    headline = "circular_acc"
+
+    def items(self) -> list[dict]:
+        _need(self.cfg, "hf", "data_file")
+        if self.cfg.get("hf"):
+            ds = load_hf(self.cfg["hf"], self.cfg.get("split", "dev"), self.cfg.get("config", "en"))
+            rows = hf_rows(ds, ["image"])
+        else:
+            rows = read_records(self.cfg["data_file"])
+            for r in rows:
+                r["image"] = B64Image(r["image"])
+        seen, out = set(), []
+        circular = bool(self.cfg.get("circular", True))
+        for r in rows:
+            idx = int(float(r["index"])) % 1_000_000
+            if idx in seen:  # the TSV may already hold circular copies (index + k·1e6): we rotate ourselves
+                continue
+            seen.add(idx)
+            opts = [str(r[L]) for L in "ABCDEFGH" if L in r and _present(r[L])]
+            gold = opts.index(str(r[r["answer"]]))
+            for rot in range(len(opts) if circular else 1):
+                rotated = opts[rot:] + opts[:rot]
+                out.append({"id": f"{idx}-r{rot}", "group": idx, "question": r["question"],
+                            "hint": str(r["hint"]) if _present(r.get("hint")) else "", "options": rotated,
+                            "answer": LETTERS[(gold - rot) % len(opts)], "category": r.get("category", ""),
+                            "image": r["image"]})
+        return out
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        from eval.metrics import circular_accuracy
+
+        return circular_accuracy(records) | {"parse_failure": sum(r["pred"] is None for r in records) / len(records)}
+
+
+@TASKS.register("scienceqa")
+class ScienceQATask(ChoiceTask):
+    """ScienceQA-IMG: the test questions that have an image. Local: the official `problems.json`
+    (pid → {question, choices, answer, hint, image, split}) with images at `image_root/<split>/<pid>/`."""
+
+    headline = "acc"
+
+    def items(self) -> list[dict]:
+        _need(self.cfg, "hf", "data_file")
+        split = self.cfg.get("split", "test")
+        if self.cfg.get("hf"):
+            ds = load_hf(self.cfg["hf"], split, self.cfg.get("config", "ScienceQA-IMG"))
+            rows = [dict(r, id=f"{split}-{i}") for i, r in enumerate(hf_rows(ds, ["image"]))]
+        else:
+            root = Path(self.cfg.get("image_root") or Path(self.cfg["data_file"]).parent / "images")
+            rows = [dict(r, image=str(root / split / str(r["id"]) / r["image"]))
+                    for r in read_records(self.cfg["data_file"]) if r.get("split") == split and r.get("image")]
+        return [{"id": str(r["id"]), "question": r["question"], "hint": r.get("hint") or "",
+                 "options": list(r["choices"]), "answer": LETTERS[int(r["answer"])], "image": r["image"]}
+                for r in rows if r.get("image") is not None]
