@@ -103,13 +103,14 @@ def build_llm(cfg: Mapping[str, Any]) -> LanguageModel:
     path, config = cfg.get("path"), cfg.get("config")
     if (path is None) == (config is None):
         raise UserError("llm config needs exactly one of `path` (pretrained weights) or `config` (random init).")
+    src = None if path is None else _resolve_path(str(path))
     dtype_name = str(cfg.get("dtype") or "float32")
     if dtype_name not in DTYPES:
         raise UserError(f"llm dtype {dtype_name!r} unknown; one of {sorted(DTYPES)}.")
     dtype = DTYPES[dtype_name]
     attn = cfg.get("attn_implementation") or "sdpa"
 
-    tok_spec = cfg.get("tokenizer") or path
+    tok_spec = cfg.get("tokenizer") or src
     if tok_spec is None:
         raise UserError("llm config with `config` (random init) needs a `tokenizer` (a path or builtin:<family>).")
     tokenizer = load_tokenizer(str(tok_spec))
@@ -128,7 +129,6 @@ def build_llm(cfg: Mapping[str, Any]) -> LanguageModel:
         hf_config = AutoConfig.for_model(**config)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
     else:
-        src = _resolve_path(str(path))
         try:
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn)
         except OSError as e:
