@@ -1,0 +1,472 @@
+"""`vlm train RECIPE [key=value ...] [--out RUN_DIR]`: run a recipe's stages into a run dir.
+
+Everything is validated (schema, freeze policies on the built model, data sources) before the run
+dir is created. Each enabled stage starts from the previous stage's artifact; an artifact lives in
+the artifact store under a key that hashes everything that determines it (`vlm.recipe.stage_keys`),
+so runs sharing a stage reuse it, and a file lock keeps two runs from training the same one at once.
+Running the same command again on the same run dir resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from vlm.errors import UserError
+from vlm.io import append_jsonl, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- CLI
+def configure_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.seed=1 stages.align.max_steps=10")
+    parser.add_argument("--out", help="run dir (default: <run.out_root>/<run.name>); run again to resume")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from vlm.recipe import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    run_dir = Path(args.out) if args.out else Path(cfg.run.out_root) / cfg.run.name
+    train(cfg, run_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------- helpers
+def _plain(x: Any) -> Any:
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
+
+
+def _set_seed(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(int(seed))
+
+
+def build_model(cfg: Any) -> Any:
+    """The VLM of a recipe, with the run's seed fixing any random init (so a resume rebuilds it exactly)."""
+    from vlm.model import build_vlm
+
+    _set_seed(cfg["run"]["seed"])
+    return build_vlm(_plain(cfg["model"]))
+
+
+def artifact_store(cfg: Any, run_dir: Path) -> Path:
+    return Path(cfg["run"]["artifact_store"]).expanduser() if cfg["run"]["artifact_store"] else run_dir / "artifacts"
+
+
+def _artifact_complete(path: Path) -> bool:
+    return (path / "artifact.json").is_file() and (path / "weights.safetensors").is_file()
+
+
+def apply_artifact(vlm: Any, stage_cfg: dict, art: Path) -> None:
+    """Bring a model at the stage's start to the stage's end: inject LoRA if any, load weights, merge LoRA."""
+    from safetensors.torch import load_file
+
+    from vlm.freeze import MODULES, apply_policy, has_lora, merge_lora, module_of
+
+    apply_policy(vlm, stage_cfg["freeze"], stage_cfg["optim"])
+    weights = load_file(str(art / "weights.safetensors"))
+    params = dict(vlm.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise UserError(f"artifact {art} does not fit this model (unknown parameters {missing[:3]}...); "
+                        "it was made by a different model config.")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    for m in MODULES:
+        if has_lora(module_of(vlm, m)):
+            merge_lora(module_of(vlm, m))
+
+
+def load_run(run_dir: str | os.PathLike) -> Any:
+    """Rebuild a run's VLM from its `recipe.yaml` and apply every finished stage's artifact (LoRA merged)."""
+    from vlm.recipe import enabled_stages, validate
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run dir (no recipe.yaml); give the --out dir of `vlm train`.")
+    cfg = validate(OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml"), resolve=True), str(run_dir))
+    vlm = build_model(cfg)
+    for name in enabled_stages(cfg):
+        pointer = run_dir / "stages" / name / "artifact.json"
+        if not pointer.is_file():
+            raise UserError(f"run {run_dir}: stage {name!r} has not finished (no {pointer}); resume it with "
+                            f"`vlm train {run_dir / 'recipe.yaml'} --out {run_dir}`.")
+        apply_artifact(vlm, cfg["stages"][name], Path(read_json(pointer)["path"]))
+    vlm.eval()
+    return vlm
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return f
+
+
+def _make_accelerator(cfg: dict, run_dir: Path) -> Any:
+    from accelerate import Accelerator
+
+    kwargs: dict[str, Any] = {}
+    strategy = cfg["distributed"]["strategy"]
+    if strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
+    elif strategy.startswith("deepspeed"):
+        from accelerate import DeepSpeedPlugin
+
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=int(strategy[-1]), gradient_accumulation_steps=1)
+    trackers = list(cfg["run"]["trackers"])
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(run_dir),
+                       **kwargs)
+
+
+def _git_revision() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "datasets", "omegaconf", "vlm-ablate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _hardware(world: int) -> dict:
+    hw = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "world_size": world,
+          "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    return hw
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# --------------------------------------------------------------------------- the run
+class Run:
+    """State shared by the stages of one `vlm train`."""
+
+    def __init__(self, cfg: dict, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.acc = _make_accelerator(cfg, run_dir)
+        self.main = self.acc.is_main_process
+        self.manifest: dict = {}
+
+    def status(self, **kw: Any) -> None:
+        if self.main:
+            atomic_write_json(self.run_dir / "status.json", {**kw, "updated": time.time()})
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            append_jsonl(self.run_dir / "metrics.jsonl", {**record, "time": time.time()})
+        if self.cfg["run"]["trackers"]:
+            self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("global_step"))
+
+
+def prepare(cfg: dict) -> tuple[Any, dict]:
+    """Build the model, check every stage's policy on it, read every data source. No files written."""
+    from vlm.data import load_source
+    from vlm.freeze import check_policy_model
+    from vlm.recipe import enabled_stages
+
+    vlm = build_model(cfg)
+    for name in enabled_stages(cfg):
+        check_policy_model(vlm, cfg["stages"][name]["freeze"], f"stages.{name}.freeze")
+    used = {item["dataset"] for n in enabled_stages(cfg) for item in cfg["stages"][n]["data"]}
+    sources = {d: load_source(d, cfg["datasets"][d], cfg["data"]["on_error"]) for d in sorted(used)}
+    return vlm, sources
+
+
+def train(cfg: DictConfig | dict, run_dir: Path) -> Path:
+    """Train every enabled stage of a validated recipe into `run_dir` (resuming if it holds a checkpoint)."""
+    from filelock import FileLock
+
+    from vlm.recipe import enabled_stages, stage_keys
+
+    cfg = _plain(cfg)
+    resolved = OmegaConf.to_yaml(OmegaConf.create(cfg))
+    if (run_dir / "recipe.yaml").is_file() and (run_dir / "recipe.yaml").read_text() != resolved:
+        raise UserError(f"run dir {run_dir} holds a different recipe; resume it with its own recipe.yaml "
+                        "(`vlm train RUN_DIR/recipe.yaml --out RUN_DIR`) or choose a new --out.")
+    vlm, sources = prepare(cfg)
+    run = Run(cfg, run_dir)
+    if run.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", resolved)
+    run.acc.wait_for_everyone()
+    if cfg["run"]["trackers"]:
+        run.acc.init_trackers(cfg["run"]["name"], config={"recipe": resolved})
+    prior = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").is_file() else {}
+    run.manifest = {
+        "versions": _versions(), "git_revision": _git_revision(), "hardware": _hardware(run.acc.num_processes),
+        "data": {name: {"identity": s.identity, "records": len(s.records), "skipped_at_load": len(s.skipped)}
+                 for name, s in sources.items()},
+        "model": {"config_sha256": _sha(cfg["model"]), "encoder_fingerprint": vlm.encoder.fingerprint()},
+        "stages": prior.get("stages", {}), "started": prior.get("started", time.time()),
+    }
+    store = artifact_store(cfg, run_dir)
+    keys = stage_keys(cfg)
+    try:
+        for name, key in zip(enabled_stages(cfg), keys):
+            st = cfg["stages"][name]
+            art = store / key
+            lock = FileLock(str(store / f"{key}.lock")) if run.main else nullcontext()
+            if run.main:
+                store.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            with lock:
+                run.acc.wait_for_everyone()
+                reused = _artifact_complete(art)
+                if not reused:
+                    train_stage(run, vlm, name, st, sources, art)
+                    run.acc.wait_for_everyone()
+            apply_artifact(vlm, st, art)
+            if run.main:
+                atomic_write_json(run_dir / "stages" / name / "artifact.json", {"key": key, "path": str(art.resolve())})
+                prev = run.manifest["stages"].get(name, {})
+                run.manifest["stages"][name] = {"key": key, "reused_artifact": reused and not prev.get("trained"),
+                                                "trained": prev.get("trained", False) or not reused,
+                                                "wall_s": prev.get("wall_s", 0.0) + (time.time() - t0)}
+                atomic_write_json(run_dir / "manifest.json", run.manifest)
+        if cfg["eval"]["tasks"] and run.main:
+            run.status(state="running", stage="eval")
+            _evaluate(vlm, cfg["eval"]["tasks"], run_dir)
+    except BaseException as e:
+        run.status(state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    run.manifest["finished"] = time.time()
+    if run.main:
+        atomic_write_json(run_dir / "manifest.json", run.manifest)
+    run.status(state="done")
+    run.acc.end_training()
+    return run_dir
+
+
+def _sha(obj: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _evaluate(vlm: Any, tasks: list, out_dir: Path) -> dict:
+    from eval.runner import evaluate
+
+    was = vlm.training
+    vlm.eval()
+    with torch.random.fork_rng(), torch.no_grad():
+        res = evaluate(vlm, tasks, out_dir)
+    vlm.train(was)
+    return res
+
+
+# --------------------------------------------------------------------------- one stage
+def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Path) -> None:
+    from tqdm import tqdm
+
+    from vlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+    from vlm.data import TrainSet, build_mixture, collate, epoch_batches, micro_batch, steps_per_epoch, total_steps
+    from vlm.feature_cache import FeatureCache, default_root
+    from vlm.freeze import MODULES, apply_policy, has_lora, merge_lora, module_of
+
+    cfg, acc = run.cfg, run.acc
+    seed = int(cfg["run"]["seed"])
+    _set_seed(seed + 1 + list(cfg["stages"]).index(name))
+    groups = apply_policy(vlm, st["freeze"], st["optim"], f"stages.{name}.freeze")
+    if st["gradient_checkpointing"]:
+        lm = vlm.language_model
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    o = st["optim"]
+    if o["name"] == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+    else:
+        optimizer = torch.optim.SGD(groups, lr=o["lr"], momentum=o["betas"][0])
+
+    records = build_mixture(st["data"], sources, seed)
+    ds = TrainSet(records, vlm.tokenizer, vlm.image_token_id, vlm.num_image_tokens, st["max_length"],
+                  cfg["data"]["on_error"], st["chat_template"])
+    world, rank = acc.num_processes, acc.process_index
+    per_dev, accum = st["batch_size"], st["grad_accum"]
+    gbs = per_dev * world * accum
+    spe = steps_per_epoch(len(ds), gbs)
+    if spe == 0:
+        raise UserError(f"stage {name}: the data mixture has {len(ds)} samples, fewer than one global batch "
+                        f"({per_dev} x {world} processes x {accum} accumulation = {gbs}); lower batch_size or add data.")
+    total = total_steps(len(ds), gbs, st["epochs"], st["max_steps"])
+    warmup = int(round(o["warmup_ratio"] * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o["scheduler"], warmup, total))
+    model, optimizer = acc.prepare(vlm, optimizer)
+    dtype = DTYPES[st["precision"]]
+    scaler = torch.amp.GradScaler(acc.device.type) if st["precision"] == "fp16" else None
+    vision_frozen = st["freeze"]["vision"]["mode"] == "frozen"
+    cache = None
+    if vision_frozen and st["feature_cache"]:
+        cache = FeatureCache(cfg["run"]["feature_cache_dir"] or default_root(), vlm.encoder.fingerprint())
+    trainable = [p for p in vlm.parameters() if p.requires_grad]
+    lengths = [ds.length(i) for i in range(len(ds))]
+    pad_id = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else 0
+    stage_dir = run.run_dir / "stages" / name
+    ckpt_root = stage_dir / "checkpoints"
+
+    step, skipped = 0, len([s for d in {i["dataset"] for i in st["data"]} for s in sources[d].skipped])
+    ckpt = latest_checkpoint(ckpt_root)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer.optimizer if hasattr(optimizer, "optimizer")
+                                else optimizer, scheduler)
+        step, skipped = state["step"], state["skipped_samples"]
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    run.status(state="running", stage=name, step=step, total_steps=total)
+    bar = tqdm(total=total, initial=step, desc=name, disable=not (run.main and cfg["run"]["progress"]),
+               dynamic_ncols=True, file=sys.stderr)
+    plan_epoch, plan = -1, []
+    autocast = (lambda: torch.autocast(acc.device.type, dtype=dtype)) if dtype is not None else nullcontext
+    eval_every, quick = cfg["eval"]["every_steps"], cfg["eval"]["quick_tasks"]
+
+    while step < total:
+        t0 = time.time()
+        epoch, pos = divmod(step, spe)
+        if epoch != plan_epoch:
+            plan, plan_epoch = epoch_batches(lengths, gbs, seed, epoch, cfg["data"]["group_by_length"]), epoch
+        micro = [collate([ds[i] for i in micro_batch(plan[pos], a, rank, world, per_dev)], pad_id) for a in range(accum)]
+        for b in micro:
+            for why in b["broken"]:
+                skipped += 1
+                if run.main:
+                    append_jsonl(stage_dir / "skipped.jsonl", {"step": step, "sample": why})
+        n_tok = acc.reduce(torch.tensor(float(sum(b["num_target_tokens"] for b in micro)), device=acc.device), "sum")
+        n_tok = max(float(n_tok), 1.0)
+        loss_sum = torch.zeros((), device=acc.device)
+        model.train()
+        for m in MODULES:  # frozen modules stay in eval mode (no dropout on fixed features)
+            module_of(vlm, m).train(st["freeze"][m]["mode"] != "frozen")
+        for a, b in enumerate(micro):
+            sync = acc.no_sync(model) if a < accum - 1 and world > 1 else nullcontext()
+            with sync, autocast():
+                kw = _image_inputs(vlm, b, cache, acc.device)
+                ids = b["input_ids"].to(acc.device)
+                out = model(input_ids=ids, attention_mask=b["attention_mask"].to(acc.device), **kw)
+                logits = out.logits[:, :-1].float()
+                tgt = b["labels"][:, 1:].to(acc.device)
+                tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+                loss = tok_loss * world / n_tok
+                if scaler is not None:
+                    loss = scaler.scale(loss)
+                acc.backward(loss)
+            loss_sum += tok_loss.detach()
+        if scaler is not None:
+            scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        max_norm = o["max_grad_norm"] if o["max_grad_norm"] is not None else float("inf")
+        grad_norm = float(acc.clip_grad_norm_(trainable, max_norm))
+        global_loss = float(acc.reduce(loss_sum, "sum")) / n_tok
+        if not math.isfinite(global_loss):
+            raise UserError(f"stage {name}: loss is {global_loss} at step {step + 1}; training stopped. Lower the "
+                            "learning rate, raise warmup, or use bf16/fp32 instead of fp16.")
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        if scaler is not None:
+            scaler.step(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        dt = time.time() - t0
+        n_samples = float(acc.reduce(torch.tensor(float(sum(b["num_samples"] for b in micro)), device=acc.device), "sum"))
+        n_inputs = float(acc.reduce(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in micro)),
+                                                 device=acc.device), "sum"))
+        bar.update(1)
+        bar.set_postfix(loss=f"{global_loss:.4f}")
+        if step % cfg["run"]["log_every"] == 0 or step == total:
+            run.log({"stage": name, "step": step, "epoch": epoch, "loss": global_loss, "lr": lrs,
+                     "grad_norm": grad_norm, "tokens_per_s": n_inputs / dt, "samples_per_s": n_samples / dt,
+                     "peak_memory_mb": _peak_memory_mb(), "skipped_samples": skipped,
+                     "target_tokens": int(n_tok),
+                     **({"feature_cache_hits": cache.hits, "feature_cache_misses": cache.misses} if cache else {})})
+        if eval_every and quick and step % eval_every == 0 and step < total:
+            if run.main:
+                res = _evaluate(vlm, quick, stage_dir / "eval" / f"step_{step:08d}")
+                run.log({"stage": name, "step": step, "global_step": step,
+                         "eval": {t: r.get("score") for t, r in res.get("tasks", {}).items()},
+                         **{k: res.get(k) for k in ("fine_grained", "general", "gap")}})
+            acc.wait_for_everyone()
+        if st["save_every"] and step % st["save_every"] == 0 and step < total:
+            if run.main:
+                save_checkpoint(ckpt_root, step, acc.unwrap_model(model),
+                                optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, scheduler,
+                                {"epoch": epoch, "batch_in_epoch": pos + 1, "skipped_samples": skipped,
+                                 "scaler": scaler.state_dict() if scaler is not None else None})
+            acc.wait_for_everyone()
+            run.status(state="running", stage=name, step=step, total_steps=total)
+    bar.close()
+    unwrapped = acc.unwrap_model(model)
+    if st["gradient_checkpointing"]:
+        lm = vlm.language_model
+        (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
+    if run.main:
+        import tempfile
+
+        art.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=art.parent, prefix=f".{art.name}-"))
+        atomic_save_safetensors(tmp / "weights.safetensors", trainable_state(unwrapped))
+        atomic_write_json(tmp / "artifact.json", {"stage": name, "config": st, "steps": total,
+                                                  "skipped_samples": skipped, "created": time.time()})
+        if art.exists():
+            import shutil
+
+            shutil.rmtree(art)
+        tmp.rename(art)
+    acc.free_memory()
+    for m in MODULES:  # drop the adapters unmerged: apply_artifact re-injects, loads and merges them once
+        if has_lora(module_of(vlm, m)):
+            merge_lora(module_of(vlm, m), merge=False)
+    del optimizer, model
+
+
+def _image_inputs(vlm: Any, batch: dict, cache: Any, device: torch.device) -> dict:
+    if not batch["images"]:
+        return {}
+    if cache is None:
+        return {"pixels": vlm.preprocess(batch["images"])}
+    feats = cache.get_or_compute(batch["image_keys"], batch["images"],
+                                 lambda ims: vlm.encoder_features(vlm.preprocess(ims)))
+    return {"image_features": feats.to(device)}
