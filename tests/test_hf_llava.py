@@ -1,0 +1,105 @@
+"""HF LLaVA interop: our VLM and transformers' LlavaForConditionalGeneration agree to 1e-4 (fp32), both ways."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig,
+                          Qwen2Config, SiglipVisionConfig)
+
+from vlm import load_vlm
+from vlm.errors import UserError
+from vlm.hf_llava import export_hf_llava
+from vlm.llm import add_image_token
+from vlm.model import build_vlm
+from vlm.testing import builtin_tokenizer, tiny_vlm_config
+
+TEXT = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+VISION = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}
+PROMPT = "USER: <image>\nWhat is shown in the picture? ASSISTANT:"
+CONTINUATIONS = [" a red square", " two blue circles"]
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+
+
+def _write_hf_llava(tmp_path, vision: str, text: str, strategy: str):
+    torch.manual_seed(0)
+    tok = builtin_tokenizer("vicuna_v1")
+    image_id = add_image_token(tok)
+    vcfg = VISION[vision](hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=28, patch_size=7)
+    tcfg = TEXT[text](hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlavaConfig(vision_config=vcfg.to_dict(), text_config=tcfg.to_dict(), image_token_index=image_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy=strategy, image_seq_length=16)
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    d = tmp_path / f"llava-{vision}-{text}"
+    hf.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, hf
+
+
+def _hf_logprobs(hf, ids: list[int], pixels: torch.Tensor, n_cont: int) -> tuple[torch.Tensor, float]:
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor(ids)[None], pixel_values=pixels).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    start = len(ids) - n_cont
+    return logits, float(sum(logp[start - 1 + t, ids[start + t]] for t in range(n_cont)))
+
+
+def _compare(ours, hf):
+    img = _image(0)
+    pixels = ours.preprocess([img])
+    results = ours.score([img], [PROMPT], [CONTINUATIONS], chat_template=False)[0]
+    prefix = ours._prompt_ids(PROMPT, 1, chat_template=False)
+    for cont, res in zip(CONTINUATIONS, results):
+        c = ours._continuation_ids(cont)
+        ids = prefix + c
+        hf_logits, hf_lp = _hf_logprobs(hf, ids, pixels, len(c))
+        with torch.no_grad():
+            our_logits = ours(torch.tensor(ids)[None], pixels=pixels).logits[0]
+        assert (our_logits - hf_logits).abs().max() < 1e-4
+        assert res["sum_logprob"] == pytest.approx(hf_lp, abs=1e-4)
+
+
+@pytest.mark.parametrize("vision,text,strategy", [
+    ("clip", "llama", "default"), ("clip", "mistral", "full"), ("siglip", "qwen2", "full"),
+])
+def test_load_hf_llava_matches_transformers(tmp_path, vision, text, strategy):
+    d, hf = _write_hf_llava(tmp_path, vision, text, strategy)
+    ours = load_vlm(f"hf-llava:{d}")
+    expected_tokens = 16 + (1 if (vision == "clip" and strategy == "full") else 0)
+    assert ours.num_image_tokens == expected_tokens
+    _compare(ours, hf)
+
+
+def test_siglip_with_default_strategy_is_rejected(tmp_path):
+    d, _ = _write_hf_llava(tmp_path, "siglip", "llama", "default")
+    with pytest.raises(UserError, match="SigLIP has no CLS"):
+        load_vlm(f"hf-llava:{d}")
+
+
+@pytest.mark.parametrize("encoder", ["clip", "siglip"])
+def test_export_loads_in_transformers_and_matches(tmp_path, encoder):
+    torch.manual_seed(1)
+    ours = build_vlm(tiny_vlm_config(encoder=encoder, llm="llama", family="vicuna_v1")).eval()
+    out = export_hf_llava(ours, tmp_path / "export")
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert hf.config.image_token_id == ours.image_token_id
+    _compare(ours, hf)
+    again = load_vlm(f"hf-llava:{out}")
+    _compare(again, hf)
+
+
+def test_export_refuses_non_llava_connector(tmp_path):
+    cfg = tiny_vlm_config()
+    cfg["connector"] = {"type": "linear"}
+    ours = build_vlm(cfg)
+    with pytest.raises(UserError, match="mlp2x_gelu"):
+        export_hf_llava(ours, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
