@@ -114,3 +114,30 @@ def tiny_llm_config(model_type: str) -> dict[str, Any]:
     if model_type not in _TINY:
         raise UserError(f"no tiny config for model_type {model_type!r}; known: {', '.join(sorted(_TINY))}.")
     return {"model_type": model_type, **_TINY[model_type]}
+
+
+def tiny_vlm_config(encoder: str = "clip", llm: str = "llama", family: str = "chatml") -> dict[str, Any]:
+    """Model section of a recipe: a tiny random-init HF encoder, mlp2x_gelu and a tiny causal LM."""
+    encoders = {
+        "clip": {"type": "clip", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                                            "num_attention_heads": 4, "image_size": 28, "patch_size": 7}},
+        "siglip": {"type": "siglip", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                                                "num_attention_heads": 4, "image_size": 28, "patch_size": 7}},
+    }
+    if encoder not in encoders:
+        raise UserError(f"no tiny encoder {encoder!r}; known: {', '.join(sorted(encoders))}.")
+    return {
+        "encoder": encoders[encoder],
+        "connector": {"type": "mlp", "depth": 2},
+        "llm": {"config": tiny_llm_config(llm), "tokenizer": f"builtin:{family}"},
+    }
+
+
+def tiny_vlm(encoder: str = "clip", llm: str = "llama", family: str = "chatml", seed: int = 0) -> Any:
+    """A tiny random-weight VLM of real HF architectures (deterministic for a seed), in eval mode."""
+    import torch
+
+    from vlm.model import build_vlm
+
+    torch.manual_seed(seed)
+    return build_vlm(tiny_vlm_config(encoder, llm, family)).eval()
