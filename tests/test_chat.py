@@ -173,6 +173,11 @@ def test_bad_messages_and_missing_image_token_raise():
         tokenize_conversation(tok, CONV, sample_id="a")
     with pytest.raises(UserError, match="sample 'b'"):
         tokenize_conversation(tok, [{"role": "robot", "content": "x"}], sample_id="b")
+    with pytest.raises(UserError, match="sample 'c' starts with an assistant turn"):
+        tokenize_conversation(tok, [{"role": "assistant", "content": "x"}], sample_id="c")
+    gemma = tokenizer("gemma")  # its template rejects two user turns in a row
+    with pytest.raises(UserError, match="sample 'd': the chat template rejects"):
+        tokenize_conversation(gemma, [CONV[1], CONV[3], CONV[4]], sample_id="d")
 
 
 def test_over_long_raises_unless_truncation_drops_trailing_turns():

@@ -54,13 +54,18 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]], *, sample_id: Any 
 
 
 def render(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False,
-           chat_template: str | None = None) -> str:
+           chat_template: str | None = None, sample_id: Any = None) -> str:
+    from jinja2.exceptions import TemplateError
+
     template = _template_text(chat_template)
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set "
                         f"llm.chat_template to one of vlm/templates/ (e.g. vicuna_v1, chatml) or use chat_template=False.")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=template)
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, chat_template=template)
+    except TemplateError as e:
+        raise UserError(f"sample {sample_id!r}: the chat template rejects this conversation: {e}.") from e
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -94,7 +99,10 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     (never one holding an `<image>`).
     """
     msgs = normalize_messages(messages, sample_id=sample_id)
-    full = _encode(tokenizer, render(tokenizer, msgs, chat_template=chat_template))
+    if msgs[0]["role"] == "assistant":
+        raise UserError(f"sample {sample_id!r} starts with an assistant turn; it needs a user (or system) message "
+                        f"first. Drop the leading assistant message.")
+    full = _encode(tokenizer, render(tokenizer, msgs, chat_template=chat_template, sample_id=sample_id))
     specials = _special_ids(tokenizer)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if IMAGE_TOKEN in tokenizer.get_vocab() else None
     if image_id is None and any(IMAGE_TOKEN in m["content"] for m in msgs):
@@ -106,8 +114,9 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     for k, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = _encode(tokenizer, render(tokenizer, msgs[:k], add_generation_prompt=True, chat_template=chat_template)) if k else []
-        done = _encode(tokenizer, render(tokenizer, msgs[:k + 1], chat_template=chat_template))
+        prompt = _encode(tokenizer, render(tokenizer, msgs[:k], add_generation_prompt=True,
+                                           chat_template=chat_template, sample_id=sample_id))
+        done = _encode(tokenizer, render(tokenizer, msgs[:k + 1], chat_template=chat_template, sample_id=sample_id))
         if full[:len(prompt)] != prompt:
             raise _mismatch(sample_id, k, "the conversation before this assistant turn plus the generation prompt",
                             prompt, full, tokenizer)
