@@ -278,7 +278,7 @@ def load_scenes(world_dir: str | os.PathLike) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------ CLI
 
 def configure_data(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="data_cmd", required=True, metavar="synth")
+    sub = parser.add_subparsers(dest="data_cmd", required=True, metavar="{synth}")
     p = sub.add_parser("synth", help="generate the synthetic fine-grained world",
                        description="Generate the synthetic fine-grained world (classification, captions, VQA, "
                                    "SPEC-style sets). Same seed and settings give byte-identical files.")

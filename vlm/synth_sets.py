@@ -90,11 +90,15 @@ def jitter_color(name: str, rng: random.Random) -> list[int]:
     return [max(0, min(255, c + rng.randint(-COLOR_JITTER, COLOR_JITTER))) for c in COLORS[name]]
 
 
+def light_color(rng: random.Random) -> list[int]:
+    base = rng.randint(200, 236)
+    return [max(0, min(255, base + rng.randint(-8, 8))) for _ in range(3)]
+
+
 def sample_background(rng: random.Random, avoid: list[dict] = (), max_distractors: int = 2) -> dict:
     """A light, unsaturated background with low-contrast clutter and a few grey geometric distractors kept
     clear of the objects in `avoid`."""
-    base = rng.randint(200, 236)
-    color = [max(0, min(255, base + rng.randint(-8, 8))) for _ in range(3)]
+    color = light_color(rng)
     distractors = []
     for _ in range(rng.randint(0, max_distractors)):
         for _try in range(20):
@@ -234,7 +238,7 @@ def spec_case(subset: str, rng: random.Random, classes: list[dict], image_size: 
     ca = rng.choice(classes)
     cb = rng.choice([c for c in classes if c["family"] != ca["family"]] or classes)
     rot_a, rot_b = rng.uniform(-15, 15), rng.uniform(-15, 15)
-    bg = {"color": sample_background(rng)["color"], "clutter": rng.randint(3, 8), "clutter_seed": rng.getrandbits(32), "distractors": []}
+    bg = {"color": light_color(rng), "clutter": rng.randint(3, 8), "clutter_seed": rng.getrandbits(32), "distractors": []}
     a_name, b_name = ca["family"], cb["family"]
 
     def obj(c: dict, rot: float, role: str, **geo) -> dict:
