@@ -113,7 +113,6 @@ class Dataset:
 class Data:
     on_error: Literal["raise", "skip"] = "raise"
     group_by_length: bool = True
-    num_workers: int = 0
 
 
 @dataclass

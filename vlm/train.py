@@ -311,9 +311,11 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
     _set_seed(seed + 1 + list(cfg["stages"]).index(name))
     groups = apply_policy(vlm, st["freeze"], st["optim"], f"stages.{name}.freeze")
     if st["gradient_checkpointing"]:
-        lm = vlm.language_model
-        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm, kw = vlm.language_model, {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     o = st["optim"]
     if o["name"] == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
