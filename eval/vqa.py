@@ -135,6 +135,7 @@ class POPETask(ShortAnswerTask):
             return [{"id": str(r["question_id"]), "question": r["question"], "image": r["image"],
                      "label": r["answer"].strip().lower(), "category": r.get("category", "all")} for r in self._hf()]
         out = []
+        self.root = self.root or Path(next(iter(self.cfg["data_files"].values()))).parent
         for cat, path in self.cfg["data_files"].items():
             for r in read_records(path):
                 out.append({"id": f"{cat}-{r['question_id']}", "question": r["text"], "image": r["image"],

@@ -60,7 +60,8 @@ class FakeVLM:
             return ""
         if isinstance(image, list):
             image = image[0]
-        return self.vision[tuple(image.getpixel((0, 0)))]
+        px = image.getpixel((0, 0))  # nearest registered colour (JPEG shifts colours a little)
+        return self.vision[min(self.vision, key=lambda c: sum((a - b) ** 2 for a, b in zip(c, px)))]
 
     @staticmethod
     def text_lp(desc: str, text: str) -> tuple[float, int]:
