@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,8 @@ def check_keys(cfg: Mapping[str, Any], allowed: Iterable[str], family: str) -> N
         if key not in allowed:
             close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"encoder '{family}': unknown config key {key!r}.{hint} Known keys: {', '.join(sorted(allowed))}.")
+            raise UserError(f"encoder '{family}': unknown config key {key!r}.{hint} "
+                            f"Known keys: {', '.join(sorted(allowed))}.")
 
 
 def resolve_path(path: Any, family: str) -> str | None:
@@ -64,9 +65,9 @@ def as_hw(size: Any, family: str, key: str = "image_size") -> tuple[int, int]:
         size = None
     if isinstance(size, int):
         size = (size, size)
-    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in size):
-        if min(size) > 0:
-            return int(size[0]), int(size[1])
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2 \
+            and all(type(s) is int and s > 0 for s in size):
+        return int(size[0]), int(size[1])
     raise UserError(f"encoder '{family}': {key} must be a positive int or [height, width], got {size!r}.")
 
 
@@ -100,7 +101,8 @@ def check_select_layer(cfg: Mapping[str, Any], num_layers: int, family: str, all
 def check_declared(cfg: Mapping[str, Any], key: str, actual: Any, family: str, why: str) -> Any:
     """A user-declared `has_cls` / `num_register_tokens` must agree with the model; returns the actual value."""
     if key in cfg and cfg[key] is not None and cfg[key] != actual:
-        raise UserError(f"encoder '{family}': {key}={cfg[key]!r} contradicts the model, which has {key}={actual!r} ({why}). Remove the key or fix it.")
+        raise UserError(f"encoder '{family}': {key}={cfg[key]!r} contradicts the model, which has {key}={actual!r} "
+                        f"({why}). Remove the key or fix it.")
     return actual
 
 

@@ -1,7 +1,7 @@
 """Shared machinery of the Hugging Face ViT families (CLIP, SigLIP, DINOv2).
 
-A family file declares a `HFFamily` (its config/model classes, its own normalisation and
-token layout) and registers `build_hf_vit(cfg, family)`. Tokens come from HF's own
+A family file declares an `HFFamily` (its config/model classes, its own normalisation and
+token layout) and registers a builder returning `HFViTEncoder(cfg, family)`. Tokens come from HF's own
 `hidden_states[select_layer]`, then CLS/register tokens are kept or dropped by `select_tokens`.
 """
 from __future__ import annotations
@@ -114,8 +114,9 @@ class HFViTEncoder(VisionEncoder):
         native = as_hw(config.image_size, family.name)
         self.image_size = as_hw(cfg.get("image_size", config.image_size), family.name)
         if self.image_size[0] % self.patch_size or self.image_size[1] % self.patch_size:
-            raise UserError(f"encoder '{family.name}': image_size {list(self.image_size)} is not a multiple of the patch "
-                            f"size {self.patch_size}; use e.g. {self.patch_size * max(1, self.image_size[0] // self.patch_size)}.")
+            nearest = self.patch_size * max(1, self.image_size[0] // self.patch_size)
+            raise UserError(f"encoder '{family.name}': image_size {list(self.image_size)} is not a multiple of the "
+                            f"patch size {self.patch_size}; use e.g. {nearest}.")
         self.interpolate = family.interpolate_pos_encoding and self.image_size != native
         self.transform = ImageTransform(self.image_size, resize=cfg.get("resize", family.resize),
                                         mean=cfg.get("mean", family.mean), std=cfg.get("std", family.std),
@@ -146,11 +147,13 @@ class HFViTEncoder(VisionEncoder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
-            raise ValueError(f"{self.family.name} encoder expects a [B, 3, H, W] tensor, got {getattr(pixels, 'shape', type(pixels))}")
+            got = getattr(pixels, "shape", type(pixels))
+            raise ValueError(f"{self.family.name} encoder expects a [B, 3, H, W] tensor, got {got}")
         first = next(self.model.parameters())
         kwargs = {"interpolate_pos_encoding": True} if self.interpolate else {}
         # A list `output_hidden_states` keeps only that hidden state (the others are None; same indexing).
-        out = self.model(pixel_values=pixels.to(first.device, first.dtype), output_hidden_states=[self.select_layer], **kwargs)
+        out = self.model(pixel_values=pixels.to(first.device, first.dtype),
+                         output_hidden_states=[self.select_layer], **kwargs)
         hidden = out.hidden_states[self.select_layer]
         return select_from_sequence(hidden, has_cls=self.has_cls, num_register_tokens=self.num_register_tokens,
                                     select_tokens=self.select_tokens)
@@ -164,7 +167,3 @@ class HFViTEncoder(VisionEncoder):
             "select_tokens": self.select_tokens, "image_size": list(self.image_size),
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def build_hf_vit(cfg: dict[str, Any], family: HFFamily) -> HFViTEncoder:
-    return HFViTEncoder(cfg, family)

@@ -17,7 +17,8 @@ from encoders.hf_vit import HFFamily, HFViTEncoder
 
 SIGLIP = HFFamily(
     name="siglip", model_cls=SiglipVisionModel, config_cls=SiglipVisionConfig,
-    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="resize", interpolation="bicubic", has_cls=False, model_types=frozenset({"siglip_vision_model"}),
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="resize", interpolation="bicubic", has_cls=False,
+    model_types=frozenset({"siglip_vision_model"}),
 )
 
 

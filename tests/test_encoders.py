@@ -269,5 +269,142 @@ def test_fingerprint_stable_across_processes(tmp_path):
     cfg = {"type": "siglip", "path": str(tmp_path), "resize": "letterbox"}
     code = f"from encoders import build_encoder; print(build_encoder({cfg!r}).fingerprint())"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                              "PYTHONHASHSEED": "123"})
     assert out.stdout.strip().splitlines()[-1] == build_encoder(cfg).fingerprint()
+
+
+# ---------------------------------------------------------------- timm
+
+TIMM_VIT = dict(depth=3, embed_dim=32, num_heads=2, img_size=32, patch_size=8)
+
+
+def hooked_output(model: torch.nn.Module, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Reference: the module's output captured by a forward hook during timm's plain forward_features."""
+    got = []
+    handle = module.register_forward_hook(lambda m, i, o: got.append(o))
+    with torch.no_grad():
+        model.forward_features(x)
+    handle.remove()
+    return got[0]
+
+
+@pytest.mark.parametrize("mode,regs,expected", [("patch", 0, 16), ("cls_patch", 0, 17), ("cls", 0, 1),
+                                                ("patch", 2, 16), ("cls_patch", 2, 17)])
+def test_timm_vit_tokens(mode, regs, expected):
+    e = build_encoder({"type": "timm", "model": "vit_tiny_patch16_224", "config": {**TIMM_VIT, "reg_tokens": regs},
+                       "select_tokens": mode})
+    assert (e.has_cls, e.num_register_tokens, e.hidden_size, len(e.blocks())) == (True, regs, 32, 3)
+    x = pixels(2, 32)
+    with torch.no_grad():
+        out = e(x)
+    assert out.shape == (2, expected, 32) and e.num_tokens == expected
+    assert e.grid_size == ((4, 4) if mode == "patch" else None)
+    ref = hooked_output(e.model, e.model.blocks[1], x)  # select_layer -2 = output of the penultimate block
+    want = {"patch": ref[:, 1 + regs:], "cls": ref[:, :1], "cls_patch": torch.cat([ref[:, :1], ref[:, 1 + regs:]], 1)}
+    torch.testing.assert_close(out, want[mode], rtol=0, atol=0)
+
+
+def test_timm_vit_without_class_token_keeps_every_token():
+    e = build_encoder({"type": "timm", "model": "vit_tiny_patch16_224", "select_layer": 1,
+                       "config": {**TIMM_VIT, "class_token": False, "global_pool": "avg"}})
+    x = pixels(1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(e(x), hooked_output(e.model, e.model.blocks[0], x), rtol=0, atol=0)
+    with pytest.raises(UserError, match="CLS"):
+        build_encoder({**e.cfg, "select_tokens": "cls"})
+    with pytest.raises(UserError, match="img_size"):
+        build_encoder({**e.cfg, "image_size": 48})
+
+
+@pytest.mark.parametrize("name,k,stage,grid,channels", [
+    ("resnet18", -2, "layer3", (4, 4), 256), ("resnet18", -1, "layer4", (2, 2), 512),
+    ("efficientnet_b0", -1, "blocks.6", (2, 2), 320),
+])
+def test_timm_cnn_feature_map_becomes_tokens(name, k, stage, grid, channels):
+    e = build_encoder({"type": "timm", "model": name, "image_size": 64, "select_layer": k})
+    assert (e.hidden_size, e.grid_size, e.num_tokens, e.has_cls) == (channels, grid, grid[0] * grid[1], False)
+    x = pixels(2, 64)
+    with torch.no_grad():
+        out = e(x)
+    fmap = hooked_output(e.model, e.model.get_submodule(stage), x)  # [B, C, h, w]
+    assert fmap.shape == (2, channels, *grid)
+    torch.testing.assert_close(out, fmap.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    assert out[0, 1].equal(fmap[0, :, 0, 1])  # row-major: token 1 is row 0, column 1
+    assert e.transform.mean == (0.485, 0.456, 0.406)  # timm's pretrained_cfg normalisation
+    with pytest.raises(UserError, match="CLS"):
+        build_encoder({**e.cfg, "select_tokens": "cls_patch"})
+
+
+def test_timm_pretrained_path_and_model_dir(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_VIT).eval()  # with its classifier
+    save_file(src.state_dict(), tmp_path / "vit.safetensors")
+    e = build_encoder({"type": "timm", "model": "vit_tiny_patch16_224", "config": TIMM_VIT,
+                       "pretrained_path": str(tmp_path / "vit.safetensors")})
+    x = pixels(1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(e(x), hooked_output(src, src.blocks[1], x)[:, 1:], rtol=0, atol=0)
+    timm.models.save_for_hf(src, tmp_path / "dir", model_args=TIMM_VIT)
+    d = build_encoder({"type": "timm", "path": str(tmp_path / "dir")})
+    assert d.fingerprint() != e.fingerprint()  # different source, same weights
+    with torch.no_grad():
+        torch.testing.assert_close(d(x), e(x), rtol=0, atol=0)
+    with pytest.raises(UserError, match="does not exist"):
+        build_encoder({"type": "timm", "model": "resnet18", "pretrained_path": str(tmp_path / "nope.safetensors")})
+    with pytest.raises(UserError, match="cannot create"):
+        build_encoder({"type": "timm", "model": "no_such_net"})
+
+
+# ---------------------------------------------------------------- fused
+
+def fused_parts():
+    a = {"type": "clip", "config": {**HF["clip"][0], "image_size": 32, "patch_size": 8}, "resize": "letterbox"}  # 4x4
+    b = {"type": "dinov2", "config": HF["dinov2"][0] | {"patch_size": 14}}  # 2x2, own transform
+    return a, b
+
+
+def test_fused_channel_and_sequence():
+    a, b = fused_parts()
+    images = [Image.new("RGB", (40, 30), (9, 99, 199)), Image.new("RGB", (30, 40))]
+    ch = build_encoder({"type": "fused", "encoders": [a, b], "mode": "channel"})
+    seq = build_encoder({"type": "fused", "encoders": [a, b], "mode": "sequence"})
+    seq.load_state_dict(ch.state_dict())
+    px = ch.preprocess(images)
+    assert px["enc0"].shape == (2, 3, 32, 32) and px["enc1"].shape == (2, 3, 28, 28)
+    torch.testing.assert_close(px["enc0"], ch.encoders[0].preprocess(images))  # each keeps its own transform
+    with torch.no_grad():
+        out_c, out_s = ch(px), seq(px)
+        fa, fb = ch.encoders[0](px["enc0"]), ch.encoders[1](px["enc1"])
+    assert (out_c.shape, ch.num_tokens, ch.hidden_size, ch.grid_size) == ((2, 4, 64), 4, 64, (2, 2))
+    assert (out_s.shape, seq.num_tokens, seq.hidden_size, seq.grid_size) == ((2, 8, 32), 8, 32, None)
+    # the 4x4 grid is area-pooled to 2x2: token (0, 0) is the mean of the top-left 2x2 patches
+    pooled = fa.reshape(2, 4, 4, 32)[:, :2, :2].mean(dim=(1, 2))
+    torch.testing.assert_close(out_c[:, 0, :32], pooled)
+    torch.testing.assert_close(out_c[:, :, 32:], fb)
+    torch.testing.assert_close(out_s[:, 4:], fb)
+    assert len(ch.blocks()) == 6
+
+
+def test_fused_upsamples_to_a_larger_grid_and_validates():
+    a, b = fused_parts()
+    e = build_encoder({"type": "fused", "encoders": [a, b], "grid_size": 4})
+    assert e.num_tokens == 16 and e.grid_size == (4, 4)
+    with torch.no_grad():
+        px = e.preprocess([Image.new("RGB", (28, 28))])
+        out = e(px)
+        torch.testing.assert_close(out[:, :, :32], e.encoders[0](px["enc0"]))  # already 4x4: untouched
+        tokens = e.encoders[1](px["enc1"])
+        assert out.shape == (1, 16, 64)
+        torch.testing.assert_close(out[0, 0, 32:], tokens[0, 0])  # bilinear 2→4: corner = nearest source token
+    with pytest.raises(UserError, match="select_tokens"):
+        build_encoder({"type": "fused", "encoders": [a, {**b, "select_tokens": "cls_patch"}]})
+    with pytest.raises(UserError, match="equal widths"):
+        wide = {**b, "config": {**b["config"], "hidden_size": 64}}
+        build_encoder({"type": "fused", "encoders": [a, wide], "mode": "sequence"})
+    with pytest.raises(UserError, match="at least two"):
+        build_encoder({"type": "fused", "encoders": [a]})
+    with pytest.raises(UserError, match="mode"):
+        build_encoder({"type": "fused", "encoders": [a, b], "mode": "stack"})
