@@ -30,6 +30,19 @@ RECIPES_ROOT = Path(__file__).resolve().parent.parent / "recipes"
 MODULES = ("vision", "connector", "llm")
 
 
+def _synth_world(preset: str = "tiny", seed: int = 0) -> str:
+    """`${synth_world:tiny,0}`: the dir of the generated world (materialised once), e.g. for eval task paths."""
+    from vlm.data import synth_dir
+
+    return str(synth_dir({"preset": str(preset), "seed": int(seed), "cache_dir": None}))
+
+
+if hasattr(OmegaConf, "register_resolver"):  # omegaconf >= 2.4
+    OmegaConf.register_resolver("synth_world", _synth_world, replace=True)
+else:
+    OmegaConf.register_new_resolver("synth_world", _synth_world, replace=True)
+
+
 # --------------------------------------------------------------------------- schema
 @dataclass
 class ModulePolicy:
