@@ -112,6 +112,10 @@ class GQATask(ShortAnswerTask):
         _need(self.cfg, "hf", "data_file")
         if self.cfg.get("hf"):
             rows = self._hf()
+            if self.cfg.get("images_config"):  # lmms-lab/GQA keeps images in a config of their own
+                ims = load_hf(self.cfg["hf"], self.cfg.get("split", self.default_split), self.cfg["images_config"])
+                by_id = {r["id"]: r["image"] for r in hf_rows(ims, ["image"])}
+                rows = [{**r, "image": by_id[r["imageId"]]} for r in rows]
         else:
             self.root = self.root or Path(self.cfg["data_file"]).parent
             rows = [{**r, "image": f"{r['imageId']}.jpg"} for r in read_records(self.cfg["data_file"])]
