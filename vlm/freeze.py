@@ -93,6 +93,8 @@ def merge_lora(module: nn.Module, merge: bool = True) -> None:
                 m.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent_name) if parent_name else module, child, m.get_base_layer())
+    if hasattr(module, "peft_config"):  # left by peft's injection; a later stage may inject again
+        del module.peft_config
 
 
 def check_policy_model(vlm: Any, freeze: Mapping[str, Any], where: str) -> None:

@@ -1,0 +1,145 @@
+"""Training: the smoke recipe end to end, metrics/manifest, artifacts shared and reused, load_run, eval hook,
+feature cache equivalence, NaN stop. (Kill/resume and 2-process equivalence: tests/test_train_dist.py.)"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlm.errors import UserError
+from vlm.io import read_json, read_jsonl
+from vlm.recipe import load_recipe
+from vlm.train import load_run, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def recipe(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    recs = []
+    for i in range(12):
+        Image.new("RGB", (20, 20), (i * 20, 255 - i * 20, 7 * i)).save(tmp_path / f"im{i}.png")
+        recs.append({"id": str(i), "image": f"im{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"Shade number {i}" + " ok" * (i % 4)}]})
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    p = tmp_path / "r.yaml"
+    p.write_text(f"""defaults: [models/tiny.yaml, stages/llava_two_stage.yaml]
+run: {{name: t, progress: false, feature_cache_dir: {tmp_path / 'fc'}}}
+datasets:
+  captions: {{type: llava, path: {tmp_path / 'd.json'}}}
+  instructions: {{type: llava, path: {tmp_path / 'd.json'}}}
+stages:
+  align: {{max_steps: 2, batch_size: 4, max_length: 128, optim: {{warmup_ratio: 0.0}}}}
+  finetune: {{max_steps: 2, batch_size: 2, grad_accum: 2, max_length: 128, gradient_checkpointing: false}}
+""")
+    return p
+
+
+def _weights(art: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(art / "weights.safetensors"))
+
+
+def test_smoke_recipe_end_to_end(tmp_path):
+    """recipes/smoke.yaml: both stages, eval, every observability file; a quick eval hook every step."""
+    out = tmp_path / "smoke"
+    cfg = load_recipe(ROOT / "recipes" / "smoke.yaml", [f"run.feature_cache_dir={tmp_path / 'fc'}", "eval.every_steps=2",
+                                                        "eval.quick_tasks=${eval.tasks}"])
+    train(cfg, out)
+    assert read_json(out / "status.json")["state"] == "done"
+    metrics = list(read_jsonl(out / "metrics.jsonl"))
+    steps = [m for m in metrics if "loss" in m]
+    assert [(m["stage"], m["step"]) for m in steps] == [("align", 1), ("align", 2), ("align", 3),
+                                                       ("finetune", 1), ("finetune", 2), ("finetune", 3)]
+    for m in steps:
+        for k in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "peak_memory_mb", "skipped_samples"):
+            assert k in m, k
+        assert m["loss"] > 0 and m["skipped_samples"] == 0
+    evals = [m for m in metrics if "eval" in m]
+    assert [(m["stage"], m["step"]) for m in evals] == [("align", 2), ("finetune", 2)]
+    assert "synth_cls" in evals[0]["eval"]
+    man = read_json(out / "manifest.json")
+    assert set(man) >= {"versions", "git_revision", "hardware", "data", "model", "stages"}
+    assert man["stages"]["align"]["wall_s"] > 0 and man["data"]["captions"]["identity"]
+    res = read_json(out / "results.json")
+    assert "synth_cls" in res["tasks"] and (out / "eval" / "synth_cls" / "predictions.jsonl").is_file()
+    assert (out / "recipe.yaml").is_file() and (out / "stages" / "finetune" / "artifact.json").is_file()
+
+
+def test_artifacts_chain_reuse_and_load_run(recipe, tmp_path):
+    store = tmp_path / "store"
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(load_recipe(recipe, [f"run.artifact_store={store}", "stages.finetune.freeze.llm=lora"]), a)
+    # same stage 1, different stage 2: stage 1 comes from the shared store, stage 2 trains
+    train(load_recipe(recipe, [f"run.artifact_store={store}", "stages.finetune.optim.lr=1e-3"]), b)
+    ma, mb = read_json(a / "manifest.json"), read_json(b / "manifest.json")
+    assert ma["stages"]["align"]["key"] == mb["stages"]["align"]["key"]
+    assert mb["stages"]["align"]["reused_artifact"] and not mb["stages"]["finetune"]["reused_artifact"]
+    assert [m["stage"] for m in read_jsonl(b / "metrics.jsonl")] == ["finetune", "finetune"]
+    assert len([p for p in store.iterdir() if p.is_dir()]) == 3
+    # finetune trained only connector + LoRA tensors; load_run merges them into plain linear layers
+    w = _weights(store / ma["stages"]["finetune"]["key"])
+    assert any("lora_A" in k for k in w) and all("lora_" in k or k.startswith("connector.") for k in w)
+    m = load_run(a)
+    assert not any("lora_" in n for n, _ in m.named_parameters())
+    # run a again: everything is reused, nothing retrained, same result
+    train(load_recipe(recipe, [f"run.artifact_store={store}", "stages.finetune.freeze.llm=lora"]), a)
+    assert len(list(read_jsonl(a / "metrics.jsonl"))) == 4
+    m2 = load_run(a)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(m(ids).logits, m2(ids).logits)
+    # a merged-LoRA model differs from the stage-1 model (the adapters were trained and applied)
+    from vlm.train import apply_artifact, build_model
+
+    cfg = load_recipe(recipe, [f"run.artifact_store={store}", "stages.finetune.freeze.llm=lora"])
+    s1 = build_model(cfg)
+    apply_artifact(s1, dict(cfg.stages.align), store / ma["stages"]["align"]["key"])
+    s1.eval()
+    assert not torch.allclose(s1(ids).logits, m(ids).logits)
+
+
+def test_changed_recipe_in_existing_run_dir_is_refused(recipe, tmp_path):
+    out = tmp_path / "run"
+    train(load_recipe(recipe, ["stages.finetune.enabled=false"]), out)
+    with pytest.raises(UserError, match="holds a different recipe"):
+        train(load_recipe(recipe, ["stages.finetune.enabled=false", "run.seed=3"]), out)
+
+
+def test_feature_cache_equals_uncached(recipe, tmp_path):
+    """Frozen encoder: cached features give the same losses and weights; a second run only hits the cache."""
+    common = ["stages.finetune.enabled=false", "stages.align.max_steps=4", "stages.align.batch_size=6"]
+    train(load_recipe(recipe, common + ["stages.align.feature_cache=false"]), tmp_path / "plain")
+    train(load_recipe(recipe, common), tmp_path / "cached")
+    train(load_recipe(recipe, common), tmp_path / "cached2")
+    plain = [m["loss"] for m in read_jsonl(tmp_path / "plain" / "metrics.jsonl")]
+    cached = list(read_jsonl(tmp_path / "cached" / "metrics.jsonl"))
+    again = list(read_jsonl(tmp_path / "cached2" / "metrics.jsonl"))
+    assert plain == pytest.approx([m["loss"] for m in cached], rel=1e-6, abs=1e-7)
+    assert cached[-1]["feature_cache_misses"] == 12 and cached[-1]["feature_cache_hits"] == 12  # 2 epochs of 12
+    assert again[-1]["feature_cache_misses"] == 0 and again[-1]["feature_cache_hits"] == 24
+    wp = _weights(next(p for p in (tmp_path / "plain" / "artifacts").iterdir() if p.is_dir()))
+    wc = _weights(next(p for p in (tmp_path / "cached" / "artifacts").iterdir() if p.is_dir()))
+    for k in wp:
+        torch.testing.assert_close(wp[k], wc[k], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_the_run_naming_the_step(recipe, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"loss is nan at step 2"):
+        train(load_recipe(recipe, ["stages.align.optim.lr=1e30", "stages.align.optim.max_grad_norm=null",
+                                   "stages.align.optim.name=sgd", "stages.align.max_steps=3"]), out)
+    assert read_json(out / "status.json")["state"] == "failed"
+
+
+def test_gradient_accumulation_matches_a_larger_batch(recipe, tmp_path):
+    """batch 4 x accum 1 and batch 2 x accum 2 see the same samples: same token-mean losses and updates."""
+    base = ["stages.align.enabled=false", "stages.finetune.max_steps=3", "data.group_by_length=false"]
+    train(load_recipe(recipe, base + ["stages.finetune.batch_size=4", "stages.finetune.grad_accum=1"]), tmp_path / "a")
+    train(load_recipe(recipe, base + ["stages.finetune.batch_size=1", "stages.finetune.grad_accum=4"]), tmp_path / "b")
+    la = [m["loss"] for m in read_jsonl(tmp_path / "a" / "metrics.jsonl")]
+    lb = [m["loss"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
+    assert la == pytest.approx(lb, rel=1e-5)
