@@ -26,6 +26,12 @@ def _as_bool(v: Any) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
 
 
+def _same_images(a: list | None, b: list | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 @register_model("vlm_ablate")
 class VLMAblateLM(LM):
     MULTIMODAL = True
@@ -61,7 +67,7 @@ class VLMAblateLM(LM):
         parsed = [self._split(r.args) for r in requests]
         groups: list[tuple[str, Any, list[int]]] = []
         for i, (ctx, _, vis) in enumerate(parsed):
-            if groups and groups[-1][0] == ctx and groups[-1][1] is vis:
+            if groups and groups[-1][0] == ctx and _same_images(groups[-1][1], vis):
                 groups[-1][2].append(i)
             else:
                 groups.append((ctx, vis, [i]))
