@@ -142,8 +142,9 @@ class HFViTEncoder(VisionEncoder):
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
 
     def blocks(self) -> nn.ModuleList:
-        encoder = self.model.encoder
-        return encoder.layers if hasattr(encoder, "layers") else encoder.layer
+        """The stack of transformer layers (`encoder.layers`, `encoder.layer` or `layers`, whatever HF named it)."""
+        n = self.model.config.num_hidden_layers
+        return next(m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == n)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:

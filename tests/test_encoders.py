@@ -57,7 +57,7 @@ def test_token_counts(family, mode, expected):
     assert out.shape == (2, expected, 32)
     assert e.num_tokens == expected and e.hidden_size == 32
     assert e.grid_size == ((4, 4) if mode == "patch" else None)
-    assert len(e.blocks()) == 3
+    assert len(e.blocks()) == 3 and type(e.blocks()[0]).__name__.endswith("Layer")
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip", "dinov2", "dinov2_reg"])
@@ -318,11 +318,12 @@ def test_timm_vit_without_class_token_keeps_every_token():
 
 
 @pytest.mark.parametrize("name,k,stage,grid,channels", [
-    ("resnet18", -2, "layer3", (4, 4), 256), ("resnet18", -1, "layer4", (2, 2), 512),
+    ("resnet18", -2, "layer3", (4, 4), 256), ("resnet18", 1, "layer1", (16, 16), 64),
     ("efficientnet_b0", -1, "blocks.6", (2, 2), 320),
 ])
 def test_timm_cnn_feature_map_becomes_tokens(name, k, stage, grid, channels):
-    e = build_encoder({"type": "timm", "model": name, "image_size": 64, "select_layer": k})
+    config = {"layers": [1, 1, 1, 1]} if name == "resnet18" else {}
+    e = build_encoder({"type": "timm", "model": name, "config": config, "image_size": 64, "select_layer": k})
     assert (e.hidden_size, e.grid_size, e.num_tokens, e.has_cls) == (channels, grid, grid[0] * grid[1], False)
     x = pixels(2, 64)
     with torch.no_grad():
@@ -332,8 +333,11 @@ def test_timm_cnn_feature_map_becomes_tokens(name, k, stage, grid, channels):
     torch.testing.assert_close(out, fmap.flatten(2).transpose(1, 2), rtol=0, atol=0)
     assert out[0, 1].equal(fmap[0, :, 0, 1])  # row-major: token 1 is row 0, column 1
     assert e.transform.mean == (0.485, 0.456, 0.406)  # timm's pretrained_cfg normalisation
-    with pytest.raises(UserError, match="CLS"):
-        build_encoder({**e.cfg, "select_tokens": "cls_patch"})
+    if name == "resnet18" and k == 1:
+        assert [type(b).__name__ for b in e.blocks()] == ["Sequential"] * 4  # layer1..layer4
+        for bad in ({"select_tokens": "cls_patch"}, {"has_cls": True}, {"select_layer": 5}):
+            with pytest.raises(UserError, match="CLS|has_cls|select_layer"):
+                build_encoder({**e.cfg, **bad})
 
 
 def test_timm_pretrained_path_and_model_dir(tmp_path):
