@@ -20,14 +20,20 @@ def module_of(vlm: Any, name: str) -> nn.Module:
     return {"vision": lambda: vlm.encoder, "connector": lambda: vlm.connector, "llm": lambda: vlm.llm.model}[name]()
 
 
-def find_blocks(module: nn.Module) -> nn.ModuleList | None:
-    """The stacked blocks of a module: `module.blocks()` if it has one, else its largest nn.ModuleList."""
+def find_blocks(module: nn.Module) -> nn.ModuleList | list | None:
+    """The stacked blocks of a module that feed its output: `module.blocks()` if it has one (cut at the
+    encoder's `select_layer`, HF hidden-states indexing: blocks after the selected layer never see a
+    gradient), else its largest nn.ModuleList."""
     if callable(getattr(module, "blocks", None)):
         try:
             blocks = module.blocks()
         except NotImplementedError:
             blocks = None
         if blocks is not None and len(blocks) > 0:
+            sl = getattr(module, "select_layer", None)
+            if isinstance(sl, int):
+                used = len(blocks) + 1 + sl if sl < 0 else sl
+                return list(blocks)[:used] or None
             return blocks
     best, best_n = None, 0
     for _, m in module.named_modules():
