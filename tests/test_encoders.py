@@ -122,6 +122,16 @@ def test_other_resolution_interpolates_position_embeddings():
             torch.testing.assert_close(e(x), hf_hidden(e.model, x, -2, **kw)[:, 0 if family == "siglip" else 1:])
 
 
+def test_dtype_casts_weights_and_pixels():
+    e = enc("siglip", dtype="bfloat16")
+    assert e.model.dtype == torch.bfloat16
+    x = pixels()
+    with torch.no_grad():
+        out = e(x)  # float32 pixels from preprocess are cast to the model's dtype
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, hf_hidden(e.model, x.to(torch.bfloat16), -2), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- loading (the real path)
 
 def test_load_from_save_pretrained_dir(tmp_path):
