@@ -92,6 +92,10 @@ def test_deepspeed_strategy_needs_deepspeed(tmp_path, data_file, monkeypatch):
     with pytest.raises(UserError, match="deepspeed_zero3 needs DeepSpeed, which is not installed"):
         load_recipe(_recipe(tmp_path, data_file), ["distributed.strategy=deepspeed_zero3"])
     assert load_recipe(_recipe(tmp_path, data_file), ["distributed.strategy=fsdp"]).distributed.strategy == "fsdp"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "tensorboardX")
+                        else real(name, *a))
+    with pytest.raises(UserError, match="run.trackers lists tensorboard, but tensorboard is not installed"):
+        load_recipe(_recipe(tmp_path, data_file), ["run.trackers=[tensorboard]"])
 
 
 def test_missing_base_and_self_include(tmp_path, data_file):

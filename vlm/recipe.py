@@ -353,9 +353,14 @@ def _check_semantics(cfg: dict, where: str) -> None:
         from vlm.freeze import check_policy_static
 
         check_policy_static(st["freeze"], f"stages.{sname}.freeze")
-    if cfg["distributed"]["strategy"].startswith("deepspeed"):
-        import importlib.util
+    import importlib.util
 
+    for tracker in cfg["run"]["trackers"]:
+        pkgs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[tracker]
+        if not any(importlib.util.find_spec(p) for p in pkgs):
+            raise UserError(f"run.trackers lists {tracker}, but {pkgs[0]} is not installed; `pip install {pkgs[0]}` "
+                            "or remove it from run.trackers.")
+    if cfg["distributed"]["strategy"].startswith("deepspeed"):
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError(f"distributed.strategy = {cfg['distributed']['strategy']} needs DeepSpeed, which is not "
                             "installed; `pip install deepspeed` (or `.[deepspeed]`) or use ddp / fsdp.")

@@ -301,7 +301,7 @@ def _evaluate(vlm: Any, tasks: list, out_dir: Path) -> dict:
 def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Path) -> None:
     from tqdm import tqdm
 
-    from vlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+    from vlm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from vlm.data import TrainSet, build_mixture, collate, epoch_batches, micro_batch, steps_per_epoch, total_steps
     from vlm.feature_cache import FeatureCache, default_root
     from vlm.freeze import MODULES, apply_policy, has_lora, merge_lora, module_of
@@ -336,6 +336,9 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
     warmup = int(round(o["warmup_ratio"] * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o["scheduler"], warmup, total))
     model, optimizer = acc.prepare(vlm, optimizer)
+    if st["save_every"] and _sharded(acc):
+        raise UserError(f"stages.{name}.save_every: mid-stage checkpoints are implemented for single-process and ddp "
+                        "runs; with fsdp / deepspeed set save_every: 0 (stage artifacts are still saved at the end).")
     dtype = DTYPES[st["precision"]]
     scaler = torch.amp.GradScaler(acc.device.type) if st["precision"] == "fp16" else None
     vision_frozen = st["freeze"]["vision"]["mode"] == "frozen"
@@ -440,7 +443,7 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
             acc.wait_for_everyone()
             run.status(state="running", stage=name, step=step, total_steps=total)
     bar.close()
-    unwrapped = acc.unwrap_model(model)
+    weights = _trainable_weights(acc, model, vlm)
     if st["gradient_checkpointing"]:
         lm = vlm.language_model
         (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
@@ -449,7 +452,7 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
 
         art.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=art.parent, prefix=f".{art.name}-"))
-        atomic_save_safetensors(tmp / "weights.safetensors", trainable_state(unwrapped))
+        atomic_save_safetensors(tmp / "weights.safetensors", weights)
         atomic_write_json(tmp / "artifact.json", {"stage": name, "config": st, "steps": total,
                                                   "skipped_samples": skipped, "created": time.time()})
         if art.exists():
@@ -462,6 +465,23 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
         if has_lora(module_of(vlm, m)):
             merge_lora(module_of(vlm, m), merge=False)
     del optimizer, model
+
+
+def _sharded(acc: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _trainable_weights(acc: Any, model: Any, vlm: Any) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors of the trainable parameters; a collective call under fsdp / deepspeed."""
+    from vlm.checkpoint import trainable_state
+
+    if not _sharded(acc):
+        return trainable_state(acc.unwrap_model(model))
+    names = [n for n, p in vlm.named_parameters() if p.requires_grad]
+    full = acc.get_state_dict(model)
+    return {n: full[n].detach().cpu().clone() for n in names} if acc.is_main_process else {}
 
 
 def _image_inputs(vlm: Any, batch: dict, cache: Any, device: torch.device) -> dict:
