@@ -1,0 +1,188 @@
+"""`vlm report GRID_DIR`: results.csv, report.md, a self-contained report.html and plots/*.png.
+
+Every planned point appears in every table, with its state; runs that are missing or failed are listed as
+such and never dropped. Axis effects are paired differences (see `vlm.report_data.axis_effects`).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from vlm import report_plots
+from vlm.io import atomic_write_bytes, atomic_write_text
+from vlm.report_data import HEADLINE, Collected, axis_effects, collect
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def write_csv(data: Collected, path: Path) -> None:
+    metric_cols = sorted({k for r in data.rows for k in r.metrics} - set(HEADLINE))
+    cols = ["run_id", "state", *data.axes, *HEADLINE, *metric_cols, "error"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for r in data.rows:
+        w.writerow([r.id, r.state, *(r.labels.get(a, "") for a in data.axes),
+                    *(r.metrics.get(k, "") for k in HEADLINE), *(r.metrics.get(k, "") for k in metric_cols),
+                    (r.error or "").replace("\n", " ")])
+    atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- tables as (title, header, rows)
+
+Table = tuple[str, list[str], list[list[Any]]]
+
+
+def overview_table(data: Collected) -> Table:
+    header = ["run", "state", *data.axes, "fine-grained", "general", "gap"]
+    rows = [[r.id, r.state, *(r.labels[a] for a in data.axes), *(r.metrics.get(k) for k in HEADLINE)]
+            for r in data.rows]
+    return "Runs", header, rows
+
+
+def effects_table(effects: list[dict[str, Any]]) -> Table:
+    header = ["axis", "level", "vs", "Δ fine-grained", "Δ general", "pairs"]
+    rows = [[e["axis"], e["level"], e["reference"], e["fine_grained"], e["general"], e["fine_grained_pairs"]]
+            for e in effects]
+    return "Axis effects (mean paired change when only this axis changes)", header, rows
+
+
+def dataset_tables(data: Collected) -> list[Table]:
+    """One table per protocol: runs × datasets, each cell the task's primary metric."""
+    protocols = sorted({t["protocol"] for r in data.rows for t in r.tasks.values()})
+    tables = []
+    for proto in protocols:
+        datasets = sorted({t["dataset"] for r in data.rows for t in r.tasks.values() if t["protocol"] == proto})
+        metric = next((t["metric"] for r in data.rows for t in r.tasks.values() if t["protocol"] == proto), "")
+        rows = []
+        for r in data.rows:
+            by_ds = {t["dataset"]: t["value"] for t in r.tasks.values() if t["protocol"] == proto}
+            rows.append([r.id, *(by_ds.get(d, r.state if r.state != "done" else None) for d in datasets)])
+        tables.append((f"Per dataset — protocol `{proto}` ({metric})", ["run", *datasets], rows))
+    return tables
+
+
+def protocol_table(data: Collected) -> Table | None:
+    protocols = sorted({t["protocol"] for r in data.rows for t in r.tasks.values()})
+    if not protocols:
+        return None
+    rows = []
+    for r in data.rows:
+        cells = []
+        for proto in protocols:
+            vals = [t["value"] for t in r.tasks.values() if t["protocol"] == proto and t["value"] is not None]
+            cells.append(sum(vals) / len(vals) if vals else (r.state if r.state != "done" else None))
+        rows.append([r.id, *cells])
+    return "Per protocol (mean over datasets)", ["run", *protocols], rows
+
+
+def probe_pairs(data: Collected) -> list[dict[str, Any]]:
+    """(run, dataset): the linear probe's accuracy and the VLM's accuracy on the same dataset."""
+    pairs = []
+    for r in data.rows:
+        for t in r.tasks.values():
+            if "probe" not in t["protocol"] and "probe" not in t["category"]:
+                continue
+            vlm = [u for u in r.tasks.values() if u["dataset"] == t["dataset"] and u is not t
+                   and "probe" not in u["protocol"] and "probe" not in u["category"]]
+            pairs.append({"run": r.id, "dataset": t["dataset"], "probe": t["value"] or 0.0,
+                          "vlm": vlm[0]["value"] if vlm else None, "vlm_protocol": vlm[0]["protocol"] if vlm else None})
+    return pairs
+
+
+def probe_table(pairs: list[dict[str, Any]]) -> Table:
+    rows = [[p["run"], p["dataset"], p["probe"], p["vlm"], p["vlm_protocol"],
+             None if p["vlm"] is None else p["probe"] - p["vlm"]] for p in pairs]
+    return "Linear-probe ceiling vs the VLM", ["run", "dataset", "probe", "VLM", "VLM protocol", "probe − VLM"], rows
+
+
+def problems_table(data: Collected) -> Table:
+    rows = [[r.id, r.state, r.error or ("no results.json" if r.state == "done" else "not finished")]
+            for r in data.rows if not r.ok]
+    return "Missing or failed runs", ["run", "state", "why"], rows
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _md_table(t: Table) -> str:
+    title, header, rows = t
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(t: Table) -> str:
+    title, header, rows = t
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td class='{_cls(c)}'>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<h2>{html.escape(title)}</h2>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+
+
+def _cls(c: Any) -> str:
+    return {"failed": "bad", "missing": "bad", "pending": "warn", "interrupted": "warn", "running": "warn",
+            "queued": "warn"}.get(c, "num" if isinstance(c, float) else "")
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}td.num{text-align:right;font-family:monospace}
+td.bad{background:#fdd}td.warn{background:#ffd}img{max-width:100%;border:1px solid #eee;margin:1em 0}"""
+
+
+def build_report(grid_dir: str | Path) -> dict[str, Path]:
+    """Write every report file into the grid dir; returns their paths."""
+    grid_dir = Path(grid_dir)
+    data = collect(grid_dir)
+    effects = axis_effects(data)
+    pairs = probe_pairs(data)
+    plots_dir = grid_dir / "plots"
+    plots = {name: p for name, p in {
+        "fine-grained vs general": report_plots.scatter_fine_vs_general(data, plots_dir / "fine_vs_general.png"),
+        "axis effects": report_plots.axis_effects(effects, plots_dir / "axis_effects.png"),
+        "linear-probe ceiling": report_plots.probe_ceiling(pairs, plots_dir / "probe_ceiling.png"),
+        "training dynamics": report_plots.dynamics(data, plots_dir / "dynamics.png"),
+    }.items() if p is not None}
+    tables = [overview_table(data), effects_table(effects), *dataset_tables(data)]
+    tables += [t for t in (protocol_table(data),) if t is not None]
+    if pairs:
+        tables.append(probe_table(pairs))
+    tables.append(problems_table(data))
+    n_ok = sum(r.ok for r in data.rows)
+    summary = f"{len(data.rows)} planned runs: {n_ok} finished with results, {len(data.rows) - n_ok} missing or failed."
+
+    write_csv(data, grid_dir / "results.csv")
+    md = [f"# Grid report: {data.name}", "", summary, ""]
+    md += [f"![{name}](plots/{p.name})\n" for name, p in plots.items()]
+    md += [_md_table(t) for t in tables]
+    atomic_write_text(grid_dir / "report.md", "\n".join(md))
+    images = "".join(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
+                     f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{html.escape(name)}</figcaption></figure>\n"
+                     for name, p in plots.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.name)} report</title>"
+            f"<style>{CSS}</style></head><body><h1>Grid report: {html.escape(data.name)}</h1><p>{html.escape(summary)}</p>"
+            f"{images}{''.join(_html_table(t) for t in tables)}</body></html>\n")
+    atomic_write_bytes(grid_dir / "report.html", page.encode("utf-8"))
+    return {"csv": grid_dir / "results.csv", "md": grid_dir / "report.md", "html": grid_dir / "report.html", **plots}
+
+
+def configure_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("grid_dir", help="a grid dir made by `vlm grid`")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    out = build_report(args.grid_dir)
+    for name, path in out.items():
+        print(f"{name:>24}: {path}")
+    return 0
