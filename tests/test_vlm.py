@@ -170,3 +170,9 @@ def test_build_vlm_requires_all_parts():
     del cfg["connector"]
     with pytest.raises(UserError, match="connector"):
         build_vlm(cfg)
+
+
+def test_empty_text_prompt_conditions_on_a_start_token(model):
+    [[res]] = model.score([None], [""], [["some words"]], chat_template=False)
+    assert res["num_tokens"] == len(model._continuation_ids("some words"))
+    assert res["sum_logprob"] < 0

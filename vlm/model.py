@@ -167,6 +167,10 @@ class VLM(nn.Module):
                 f"{prompt[:80]!r}. Put one {self.image_token} per image in the prompt (or none to prepend them)."
             )
         ids = tokenize_prompt(self.tokenizer, prompt, chat_template=chat_template)
+        if not ids:
+            # An empty context (rolling log-likelihood of a text): condition on BOS, or EOS as lm-eval does.
+            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            ids = [start]
         if ids.count(self.image_token_id) != n_images:
             raise UserError(f"the tokenizer split {self.image_token!r} in prompt {prompt[:80]!r}; it must be one special token")
         return expand_image_tokens(ids, None, self.image_token_id, self.num_image_tokens)[0]
