@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -40,12 +41,27 @@ def ensure_env() -> None:
     stamp.write_text(digest)
 
 
+def ensure_chromium() -> None:
+    """The report test renders report.html in headless Chromium; install Debian's when missing (root + apt)."""
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    apt = shutil.which("apt-get")
+    if not apt or os.geteuid() != 0:
+        print("warning: chromium is not installed and cannot be installed here (needs root + apt-get); "
+              "the report's browser test will be skipped", flush=True)
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    _run([apt, "-qq", "update"], env=env)
+    _run([apt, "-qq", "install", "-y", "--no-install-recommends", "chromium"], env=env)
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in {"demo", "test", "env"}:
         sys.exit("usage: python3 dev.py demo [--quick] | test [pytest args] | env")
     ensure_env()
     job, rest = argv[0], argv[1:]
     if job == "test":
+        ensure_chromium()
         _run([PY, "-m", "pytest", "-n", "2", "--dist", "loadfile", *rest])
     elif job == "demo":
         _run([BIN / "vlm", "demo", *rest])
