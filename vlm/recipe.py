@@ -126,6 +126,7 @@ class Dataset:
 class Data:
     on_error: Literal["raise", "skip"] = "raise"
     group_by_length: bool = True
+    num_workers: int = 0  # DataLoader worker processes decoding images and tokenising
 
 
 @dataclass

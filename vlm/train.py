@@ -9,6 +9,7 @@ Running the same command again on the same run dir resumes from the last checkpo
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -236,8 +237,8 @@ def train(cfg: DictConfig | dict, run_dir: Path) -> Path:
     prior = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").is_file() else {}
     run.manifest = {
         "versions": _versions(), "git_revision": _git_revision(), "hardware": _hardware(run.acc.num_processes),
-        "data": {name: {"identity": s.identity, "records": len(s.records), "skipped_at_load": len(s.skipped)}
-                 for name, s in sources.items()},
+        "data": {name: {"identity": s.identity, "records": len(s.records), "skipped_at_load": len(s.skipped),
+                        "skipped_examples": s.skipped[:100]} for name, s in sources.items()},
         "model": {"config_sha256": _sha(cfg["model"]), "encoder_fingerprint": vlm.encoder.fingerprint()},
         "stages": prior.get("stages", {}), "started": prior.get("started", time.time()),
     }
@@ -362,16 +363,19 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
     run.status(state="running", stage=name, step=step, total_steps=total)
     bar = tqdm(total=total, initial=step, desc=name, disable=not (run.main and cfg["run"]["progress"]),
                dynamic_ncols=True, file=sys.stderr)
-    plan_epoch, plan = -1, []
+    plan_epoch, batches = -1, iter(())
     autocast = (lambda: torch.autocast(acc.device.type, dtype=dtype)) if dtype is not None else nullcontext
     eval_every, quick = cfg["eval"]["every_steps"], cfg["eval"]["quick_tasks"]
 
     while step < total:
         t0 = time.time()
         epoch, pos = divmod(step, spe)
-        if epoch != plan_epoch:
+        if epoch != plan_epoch:  # this process's micro-batches for the rest of the epoch, loaded in order
             plan, plan_epoch = epoch_batches(lengths, gbs, seed, epoch, cfg["data"]["group_by_length"]), epoch
-        micro = [collate([ds[i] for i in micro_batch(plan[pos], a, rank, world, per_dev)], pad_id) for a in range(accum)]
+            mine = [micro_batch(plan[p], a, rank, world, per_dev) for p in range(pos, spe) for a in range(accum)]
+            batches = iter(torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=cfg["data"]["num_workers"],
+                                                       collate_fn=functools.partial(collate, pad_id=pad_id)))
+        micro = [next(batches) for _ in range(accum)]
         for b in micro:
             for why in b["broken"]:
                 skipped += 1
