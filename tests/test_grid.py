@@ -50,7 +50,7 @@ if cmd == "train":
         time.sleep(DT)
         put(run / "status.json", json.dumps({"stage": "align", "step": step + 1, "total_steps": STEPS}))
         with open(metrics, "a") as f:
-            f.write(json.dumps({"step": step + 1, "loss": 1.0 / (step + 1), "eval/mc5_flowers/accuracy": step / STEPS}) + "\n")
+            f.write(json.dumps({"step": step + 1, "loss": 1.0 / (step + 1), "stage": "align", "eval": {"flowers": step / STEPS}}) + "\n")
     log(run, event="train_end")
 elif cmd == "eval":
     run = Path(args[0]); ov = json.loads((run / "overrides.json").read_text())
@@ -58,13 +58,18 @@ elif cmd == "eval":
     unfrozen = ov.get("stages.align.freeze.llm") == "full"
     fine = 0.3 + 0.2 * big + 0.05 * unfrozen
     general = 0.5 + 0.02 * big + 0.1 * unfrozen
-    for task, ds, proto, v in [("mc5_flowers", "flowers", "mc5", fine), ("probe_flowers", "flowers", "linear_probe", 0.9),
-                               ("vqav2", "vqav2", "vqa", general)]:
-        (run / "eval" / task).mkdir(parents=True, exist_ok=True)
-        (run / "eval" / task / "results.json").write_text(json.dumps(
-            {"dataset": ds, "protocol": proto, "metrics": {"accuracy": v}}))
-    (run / "results.json").write_text(json.dumps({"tasks": {"mc5_flowers": {"accuracy": fine}, "vqav2": {"accuracy": general}},
-        "fine_grained": fine, "general": general, "gap": fine - general}))
+    tasks = {"flowers": ("fine_grained", "classification", "mc_acc", fine, {"mc_acc": fine, "open_acc": fine / 2}),
+             "flowers_probe": ("probe", "linear_probe", "acc", 0.9, {"acc": 0.9}),
+             "vqav2": ("general", "vqav2", "acc", general, {"acc": general})}
+    summary = {}
+    for name, (family, typ, head, score, metrics) in tasks.items():
+        res = {"task": name, "type": typ, "family": family, "headline": head, "score": score, "num_items": 10,
+               "metrics": metrics}
+        (run / "eval" / name).mkdir(parents=True, exist_ok=True)
+        (run / "eval" / name / "results.json").write_text(json.dumps(res))
+        summary[name] = {k: v for k, v in res.items() if k != "task"}
+    (run / "results.json").write_text(json.dumps({"tasks": summary, "fine_grained": fine, "general": general,
+                                                  "gap": fine - general}))
     log(run, event="eval")
 '''
 

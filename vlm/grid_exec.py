@@ -120,6 +120,8 @@ def run_point(grid_dir: str | Path, pid: str, cli: Sequence[str] | None = None, 
         log.parent.mkdir(parents=True, exist_ok=True)
         error = None
         for step, cmd in point_commands(grid_dir, {**point, "base": plan["base"]}, cli or default_cli(), gpus):
+            if step == "eval" and (grid_dir / pid / "results.json").exists():
+                break  # `vlm train` already evaluated the recipe's eval.tasks
             with open(log, "a", encoding="utf-8") as f:
                 f.write(f"\n=== attempt {attempt}: {' '.join(cmd)}\n")
                 f.flush()

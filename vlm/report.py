@@ -15,7 +15,7 @@ from typing import Any
 
 from vlm import report_plots
 from vlm.io import atomic_write_bytes, atomic_write_text
-from vlm.report_data import HEADLINE, Collected, axis_effects, collect
+from vlm.report_data import HEADLINE, PROTOCOL_METRICS, Collected, axis_effects, collect
 
 
 def _fmt(v: Any) -> str:
@@ -58,53 +58,65 @@ def effects_table(effects: list[dict[str, Any]]) -> Table:
     return "Axis effects (mean paired change when only this axis changes)", header, rows
 
 
+FAMILIES = {"fine_grained": "fine-grained classification", "general": "general VQA", "diagnostic": "fine-grained diagnostics",
+            "probe": "linear probes"}
+
+
+def _missing(r) -> str | None:
+    return None if r.state == "done" else r.state
+
+
 def dataset_tables(data: Collected) -> list[Table]:
-    """One table per protocol: runs × datasets, each cell the task's primary metric."""
-    protocols = sorted({t["protocol"] for r in data.rows for t in r.tasks.values()})
+    """One table per task family: runs × tasks (datasets), each cell the task's headline score."""
     tables = []
-    for proto in protocols:
-        datasets = sorted({t["dataset"] for r in data.rows for t in r.tasks.values() if t["protocol"] == proto})
-        metric = next((t["metric"] for r in data.rows for t in r.tasks.values() if t["protocol"] == proto), "")
-        rows = []
-        for r in data.rows:
-            by_ds = {t["dataset"]: t["value"] for t in r.tasks.values() if t["protocol"] == proto}
-            rows.append([r.id, *(by_ds.get(d, r.state if r.state != "done" else None) for d in datasets)])
-        tables.append((f"Per dataset — protocol `{proto}` ({metric})", ["run", *datasets], rows))
+    families = list(dict.fromkeys(t["family"] for r in data.rows for t in r.tasks.values()))
+    for fam in sorted(families, key=lambda f: list(FAMILIES).index(f) if f in FAMILIES else 99):
+        tasks = sorted({n for r in data.rows for n, t in r.tasks.items() if t["family"] == fam})
+        heads = {n: next(t["headline"] for r in data.rows for m, t in r.tasks.items() if m == n) for n in tasks}
+        rows = [[r.id, *(r.tasks[n]["score"] if n in r.tasks else _missing(r) for n in tasks)] for r in data.rows]
+        tables.append((f"Per dataset — {FAMILIES.get(fam, fam)}", ["run", *(f"{n} ({heads[n]})" for n in tasks)], rows))
     return tables
 
 
-def protocol_table(data: Collected) -> Table | None:
-    protocols = sorted({t["protocol"] for r in data.rows for t in r.tasks.values()})
+def protocol_tables(data: Collected) -> list[Table]:
+    """Fine-grained classification by protocol: the mean over datasets, then one runs × datasets table each."""
+    protocols = [p for p in PROTOCOL_METRICS if any(p in t["protocols"] for r in data.rows for t in r.tasks.values())]
     if not protocols:
-        return None
-    rows = []
+        return []
+    summary = []
     for r in data.rows:
         cells = []
-        for proto in protocols:
-            vals = [t["value"] for t in r.tasks.values() if t["protocol"] == proto and t["value"] is not None]
-            cells.append(sum(vals) / len(vals) if vals else (r.state if r.state != "done" else None))
-        rows.append([r.id, *cells])
-    return "Per protocol (mean over datasets)", ["run", *protocols], rows
+        for p in protocols:
+            vals = [t["protocols"][p] for t in r.tasks.values() if p in t["protocols"]]
+            cells.append(sum(vals) / len(vals) if vals else _missing(r))
+        summary.append([r.id, *cells])
+    tables = [("Per protocol — fine-grained classification, mean over datasets",
+               ["run", *(f"{p} ({PROTOCOL_METRICS[p]})" for p in protocols)], summary)]
+    for p in protocols:
+        tasks = sorted({n for r in data.rows for n, t in r.tasks.items() if p in t["protocols"]})
+        rows = [[r.id, *(r.tasks[n]["protocols"].get(p) if n in r.tasks else _missing(r) for n in tasks)] for r in data.rows]
+        tables.append((f"Protocol `{p}` ({PROTOCOL_METRICS[p]}) per dataset", ["run", *tasks], rows))
+    return tables
 
 
 def probe_pairs(data: Collected) -> list[dict[str, Any]]:
-    """(run, dataset): the linear probe's accuracy and the VLM's accuracy on the same dataset."""
+    """(run, probe task): the probe's accuracy and the VLM's headline accuracy on the same data source."""
     pairs = []
     for r in data.rows:
-        for t in r.tasks.values():
-            if "probe" not in t["protocol"] and "probe" not in t["category"]:
+        for name, t in r.tasks.items():
+            if t["family"] != "probe":
                 continue
-            vlm = [u for u in r.tasks.values() if u["dataset"] == t["dataset"] and u is not t
-                   and "probe" not in u["protocol"] and "probe" not in u["category"]]
-            pairs.append({"run": r.id, "dataset": t["dataset"], "probe": t["value"] or 0.0,
-                          "vlm": vlm[0]["value"] if vlm else None, "vlm_protocol": vlm[0]["protocol"] if vlm else None})
+            vlm = [(n, u) for n, u in r.tasks.items() if u["family"] == "fine_grained" and u["source"] == t["source"]]
+            pairs.append({"run": r.id, "dataset": vlm[0][0] if vlm else name, "probe": t["score"],
+                          "vlm": vlm[0][1]["score"] if vlm else None,
+                          "vlm_metric": vlm[0][1]["headline"] if vlm else None})
     return pairs
 
 
 def probe_table(pairs: list[dict[str, Any]]) -> Table:
-    rows = [[p["run"], p["dataset"], p["probe"], p["vlm"], p["vlm_protocol"],
+    rows = [[p["run"], p["dataset"], p["probe"], p["vlm"], p["vlm_metric"],
              None if p["vlm"] is None else p["probe"] - p["vlm"]] for p in pairs]
-    return "Linear-probe ceiling vs the VLM", ["run", "dataset", "probe", "VLM", "VLM protocol", "probe − VLM"], rows
+    return "Linear-probe ceiling vs the VLM", ["run", "dataset", "probe acc", "VLM", "VLM metric", "probe − VLM"], rows
 
 
 def problems_table(data: Collected) -> Table:
@@ -154,8 +166,7 @@ def build_report(grid_dir: str | Path) -> dict[str, Path]:
         "linear-probe ceiling": report_plots.probe_ceiling(pairs, plots_dir / "probe_ceiling.png"),
         "training dynamics": report_plots.dynamics(data, plots_dir / "dynamics.png"),
     }.items() if p is not None}
-    tables = [overview_table(data), effects_table(effects), *dataset_tables(data)]
-    tables += [t for t in (protocol_table(data),) if t is not None]
+    tables = [overview_table(data), effects_table(effects), *dataset_tables(data), *protocol_tables(data)]
     if pairs:
         tables.append(probe_table(pairs))
     tables.append(problems_table(data))

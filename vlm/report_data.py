@@ -20,7 +20,7 @@ class Row:
     state: str
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # flat: "fine_grained", "<task>.<metric>", ...
-    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {dataset, protocol, metric, value}
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # see `_tasks`
     dynamics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records holding eval metrics
 
     @property
@@ -48,41 +48,55 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def _primary(res: dict[str, Any]) -> tuple[str | None, float | None]:
-    """A task's headline metric: its declared `primary_metric`, else the first accuracy-like number."""
-    metrics = res.get("metrics", res)
-    name = res.get("primary_metric") or res.get("primary")
-    if name is None:
-        name = next((k for k in ("accuracy", "acc", "top1", "vqa_accuracy", "exact_match", "f1")
-                     if isinstance(metrics.get(k), (int, float))), None)
-    if name is None:
-        name = next((k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
-    value = metrics.get(name) if name else None
-    return name, (float(value) if isinstance(value, (int, float)) else None)
+# classification metrics per protocol (eval/classification.py): the protocol tables compare these
+PROTOCOL_METRICS = {"mc": "mc_acc", "mc_generate": "mc_gen_acc", "open": "open_acc",
+                    "likelihood_sum": "likelihood_sum_top1", "likelihood_mean": "likelihood_mean_top1"}
+
+
+def _task_sources(run_dir: Path) -> dict[str, str]:
+    """Task name -> its data source (hf id or path), from the run's recipe, to pair probes with VLM tasks."""
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.exists():
+        return {}
+    import yaml
+
+    from eval.runner import resolve_task
+    from vlm.errors import UserError
+
+    specs = ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("eval") or {}).get("tasks") or []
+    out = {}
+    for spec in specs:
+        try:
+            cfg = resolve_task(spec)
+        except UserError:
+            continue
+        out[cfg["name"]] = str(cfg.get("hf") or cfg.get("path") or cfg["name"])
+    return out
 
 
 def _tasks(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Task -> {family, type, headline, score, source, protocols: {protocol: value}} from eval/<task>/results.json."""
     out = {}
-    eval_dir = run_dir / "eval"
-    if not eval_dir.is_dir():
-        return out
-    for res_path in sorted(eval_dir.glob("*/results.json")):
+    sources = _task_sources(run_dir)
+    for res_path in sorted((run_dir / "eval").glob("*/results.json")):
         res = read_json(res_path)
-        task = res_path.parent.name
-        metric, value = _primary(res)
-        out[task] = {"dataset": res.get("dataset") or task, "protocol": res.get("protocol") or "-",
-                     "category": res.get("category") or res.get("group") or "-", "metric": metric, "value": value}
+        name = res.get("task") or res_path.parent.name
+        metrics = res.get("metrics") or {}
+        protocols = {p: float(metrics[m]) for p, m in PROTOCOL_METRICS.items()
+                     if isinstance(metrics.get(m), (int, float))} if res.get("family") == "fine_grained" else {}
+        out[name] = {"family": res.get("family", "-"), "type": res.get("type", "-"), "headline": res.get("headline"),
+                     "score": res.get("score"), "source": sources.get(name, name), "protocols": protocols}
     return out
 
 
 def _dynamics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records that carry periodic eval results (keys under `eval`)."""
+    """metrics.jsonl records that carry periodic eval results (`{"stage", "step", "eval": {task: score}}`)."""
     out = []
     for rec in read_jsonl(run_dir / "metrics.jsonl"):
-        ev = {k[len("eval/"):]: v for k, v in flatten(rec).items() if k.startswith(("eval/", "eval."))}
-        ev = {k.replace("/", "."): v for k, v in ev.items()}
+        ev = {k[len("eval."):]: v for k, v in flatten(rec).items() if k.startswith("eval.")}
         if ev and "step" in rec:
-            out.append({"step": rec["step"], "stage": rec.get("stage"), **ev})
+            stage = rec.get("stage") or "-"
+            out.append({"step": rec["step"], "stage": stage, **{f"{stage}: {k}": v for k, v in ev.items()}})
     return out
 
 
@@ -96,7 +110,7 @@ def collect(grid_dir: str | Path) -> Collected:
         row = Row(id=p["id"], labels=p["labels"], state=point_state(grid_dir, p["id"]), error=rec.get("error"))
         if (run_dir / "results.json").exists():
             res = read_json(run_dir / "results.json")
-            row.metrics = {k[len("tasks."):] if k.startswith("tasks.") else k: v for k, v in flatten(res).items()}
+            row.metrics = {k.removeprefix("tasks.").replace(".metrics.", "."): v for k, v in flatten(res).items()}
         row.tasks = _tasks(run_dir)
         row.dynamics = _dynamics(run_dir)
         rows.append(row)

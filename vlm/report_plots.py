@@ -74,7 +74,7 @@ def probe_ceiling(pairs: list[dict[str, Any]], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(pairs) + 2), 4.5))
     idx = range(len(pairs))
     w = 0.38
-    ax.bar([i - w / 2 for i in idx], [p["probe"] for p in pairs], w, label="linear probe (ceiling)", color="grey")
+    ax.bar([i - w / 2 for i in idx], [p["probe"] or 0.0 for p in pairs], w, label="linear probe (ceiling)", color="grey")
     ax.bar([i + w / 2 for i in idx], [p["vlm"] if p["vlm"] is not None else 0.0 for p in pairs], w, label="VLM")
     ax.set_xticks(list(idx))
     ax.set_xticklabels([f"{p['run']}\n{p['dataset']}" for p in pairs], fontsize=6, rotation=30, ha="right")

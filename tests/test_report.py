@@ -1,0 +1,151 @@
+"""`vlm report`: paired axis effects (hand-worked), CSV/markdown coverage of failed and missing runs, and the
+self-contained HTML rendered in headless Chromium with every plot loaded."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vlm.io import append_jsonl, atomic_write_json
+from vlm.report import build_report
+from vlm.report_data import axis_effects, collect
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+AXES = {"enc": ["a", "b"], "llm": ["x", "y"], "pt": ["p", "q"]}
+FAILED, MISSING = "enc=b,llm=y,pt=q", "enc=a,llm=x,pt=q"
+
+
+def scores(enc: str, llm: str, pt: str) -> tuple[float, float]:
+    """A better encoder lifts fine-grained most, a better LLM lifts general most, with an enc×llm interaction."""
+    b, y, q = enc == "b", llm == "y", pt == "q"
+    return 0.3 + 0.2 * b + 0.05 * y + 0.01 * q + 0.1 * b * y, 0.5 + 0.02 * b + 0.1 * y
+
+
+def write_run(run: Path, fine: float, general: float, probe: float = 0.9) -> None:
+    tasks = {"flowers": ("fine_grained", "classification", "mc_acc", fine,
+                         {"mc_acc": fine, "open_acc": fine / 2, "likelihood_sum_top1": fine / 3}),
+             "pets": ("fine_grained", "classification", "mc_acc", fine - 0.1, {"mc_acc": fine - 0.1}),
+             "flowers_probe": ("probe", "linear_probe", "acc", probe, {"acc": probe, "top5": 1.0}),
+             "vqav2": ("general", "vqav2", "acc", general, {"acc": general})}
+    summary = {}
+    for name, (family, typ, head, score, metrics) in tasks.items():
+        res = {"task": name, "type": typ, "family": family, "headline": head, "score": score, "num_items": 5,
+               "metrics": metrics}
+        atomic_write_json(run / "eval" / name / "results.json", res)
+        summary[name] = {k: v for k, v in res.items() if k != "task"}
+    atomic_write_json(run / "results.json", {"tasks": summary, "fine_grained": fine, "general": general,
+                                             "gap": fine - general})
+    (run / "recipe.yaml").write_text(
+        "eval:\n  tasks:\n    - {type: classification, name: flowers, hf: nelorth/oxford-flowers}\n"
+        "    - {type: classification, name: pets, hf: pets}\n"
+        "    - {type: linear_probe, name: flowers_probe, hf: nelorth/oxford-flowers}\n"
+        "    - {type: vqav2, name: vqav2}\n")
+    for step in (10, 20, 30):
+        append_jsonl(run / "metrics.jsonl", {"stage": "finetune", "step": step, "loss": 1.0 / step})
+        append_jsonl(run / "metrics.jsonl", {"stage": "finetune", "step": step, "global_step": step,
+                                             "eval": {"flowers": fine * step / 30}})
+
+
+def make_grid_dir(root: Path) -> Path:
+    """A grid dir as `vlm grid` leaves it: 8 points, one failed, one never started."""
+    points = []
+    for enc in AXES["enc"]:
+        for llm in AXES["llm"]:
+            for pt in AXES["pt"]:
+                pid = f"enc={enc},llm={llm},pt={pt}"
+                points.append({"id": pid, "labels": {"enc": enc, "llm": llm, "pt": pt}, "overrides": {}})
+                if pid == MISSING:
+                    continue
+                rec = {"state": "done", "attempts": 1}
+                if pid == FAILED:
+                    rec = {"state": "failed", "attempts": 1, "error": "train exited with code 1 (CUDA OOM)"}
+                else:
+                    write_run(root / pid, *scores(enc, llm, pt))
+                atomic_write_json(root / "_grid" / "points" / f"{pid}.json", rec)
+    atomic_write_json(root / "_grid" / "plan.json", {"name": "toy", "axes": list(AXES), "groups": [[a] for a in AXES],
+                                                     "points": points, "base": "x.yaml"})
+    return root
+
+
+def test_axis_effects_are_mean_paired_differences(tmp_path):
+    effects = {e["axis"]: e for e in axis_effects(collect(make_grid_dir(tmp_path)))}
+    # enc b vs a: pairs (llm, pt) = (x,p): +0.2 and (y,p): +0.3 (interaction); (x,q) missing, (y,q) failed
+    assert effects["enc"]["fine_grained"] == pytest.approx(0.25) and effects["enc"]["fine_grained_pairs"] == 2
+    assert effects["enc"]["general"] == pytest.approx(0.02)
+    # llm y vs x: (a,p): +0.05, (b,p): +0.15; general +0.1 everywhere
+    assert effects["llm"]["fine_grained"] == pytest.approx(0.10) and effects["llm"]["general"] == pytest.approx(0.1)
+    assert effects["pt"]["fine_grained"] == pytest.approx(0.01) and effects["pt"]["general_pairs"] == 2
+    assert (effects["enc"]["level"], effects["enc"]["reference"]) == ("b", "a")
+
+
+def test_zipped_axes_form_one_factor(tmp_path):
+    root = make_grid_dir(tmp_path)
+    plan = json.loads((root / "_grid" / "plan.json").read_text())
+    plan["groups"] = [["enc", "llm"], ["pt"]]
+    atomic_write_json(root / "_grid" / "plan.json", plan)
+    effects = axis_effects(collect(root))
+    assert [(e["axis"], e["level"]) for e in effects] == [("enc+llm", "a+y"), ("enc+llm", "b+x"), ("enc+llm", "b+y"), ("pt", "q")]
+    by = {(e["axis"], e["level"]): e for e in effects}
+    # b+y vs a+x at pt=p only (a+x at q is missing): 0.2 + 0.05 + 0.1
+    assert by[("enc+llm", "b+y")]["fine_grained"] == pytest.approx(0.35) and by[("enc+llm", "b+y")]["fine_grained_pairs"] == 1
+
+
+def test_report_files_cover_every_run(tmp_path):
+    root = make_grid_dir(tmp_path)
+    out = build_report(root)
+    with open(root / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8  # failed and missing runs are rows too
+    by = {r["run_id"]: r for r in rows}
+    assert by[FAILED]["state"] == "failed" and "CUDA OOM" in by[FAILED]["error"] and by[FAILED]["fine_grained"] == ""
+    assert by[MISSING]["state"] == "pending"
+    ok = by["enc=b,llm=y,pt=p"]
+    assert (ok["enc"], ok["llm"], ok["pt"]) == ("b", "y", "p")
+    assert float(ok["fine_grained"]) == pytest.approx(0.65) and float(ok["general"]) == pytest.approx(0.62)
+    assert float(ok["flowers.open_acc"]) == pytest.approx(0.325) and float(ok["vqav2.score"]) == pytest.approx(0.62)
+    md = (root / "report.md").read_text()
+    assert "8 planned runs: 6 finished with results, 2 missing or failed." in md
+    for title in ("Axis effects", "Per dataset — fine-grained classification", "Per dataset — general VQA",
+                  "Per protocol", "Protocol `open`", "Linear-probe ceiling", "Missing or failed runs"):
+        assert title in md, title
+    problems = md[md.index("## Missing or failed runs"):]
+    assert FAILED in problems and MISSING in problems and "CUDA OOM" in problems
+    # the probe pairs with the VLM task on the same data source: 0.9 vs flowers' mc_acc 0.65
+    assert "| enc=b,llm=y,pt=p | flowers | 0.900 | 0.650 | mc_acc | 0.250 |" in md
+    assert set(out) >= {"fine-grained vs general", "axis effects", "linear-probe ceiling", "training dynamics"}
+    assert sorted(p.name for p in (root / "plots").iterdir()) == [
+        "axis_effects.png", "dynamics.png", "fine_vs_general.png", "probe_ceiling.png"]
+    html = (root / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "plots/" not in html  # self-contained
+
+
+def test_report_of_an_empty_grid_lists_every_point_as_missing(tmp_path):
+    root = tmp_path
+    points = [{"id": f"a={v}", "labels": {"a": v}, "overrides": {}} for v in ("1", "2")]
+    atomic_write_json(root / "_grid" / "plan.json", {"name": "e", "axes": ["a"], "groups": [["a"]], "points": points})
+    build_report(root)
+    md = (root / "report.md").read_text()
+    assert "2 planned runs: 0 finished with results, 2 missing or failed." in md
+    assert md.count("| pending |") >= 2 and not (root / "plots").exists()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_html_report_renders_its_plots_in_headless_chromium(tmp_path):
+    root = make_grid_dir(tmp_path / "grid")
+    build_report(root)
+    # A copy of the page with a probe script: after load it writes how many images decoded with a real size.
+    probe = ("<script>window.addEventListener('load', () => { const im = [...document.images];"
+             "document.body.insertAdjacentHTML('beforeend', '<pre id=\"imgcheck\">' +"
+             "im.filter(i => i.complete && i.naturalWidth > 100).length + '/' + im.length + '</pre>'); });</script>")
+    page = tmp_path / "check.html"
+    page.write_text((root / "report.html").read_text().replace("</body>", probe + "</body>"))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert '<pre id="imgcheck">4/4</pre>' in dom, dom[-2000:]
+    assert "Missing or failed runs" in dom and FAILED in dom
