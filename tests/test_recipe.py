@@ -51,6 +51,19 @@ def test_compose_defaults_body_and_overrides(tmp_path, data_file):
     assert cfg.model.llm.tokenizer == "builtin:chatml"
 
 
+def test_mapping_overrides_replace_and_stages_can_be_indexed(tmp_path, data_file):
+    """What a grid axis does: `model.encoder={...}` swaps the whole encoder config, not a key-wise blend."""
+    p = _recipe(tmp_path, data_file)
+    cfg = load_recipe(p, ['model.encoder={"type": "siglip", "config": {"hidden_size": 16}}', "stages.1.optim.lr=0.25",
+                          "stages.0.data=instructions", "stages.finetune.freeze.llm={mode: lora, r: 2}"])
+    assert dict(cfg.model.encoder) == {"type": "siglip", "config": {"hidden_size": 16}}
+    assert cfg.stages.finetune.optim.lr == 0.25 and cfg.stages.align.optim.lr == 1e-3
+    assert [d.dataset for d in cfg.stages.align.data] == ["instructions"]
+    assert cfg.stages.finetune.freeze.llm.r == 2
+    with pytest.raises(UserError, match="stage index 5 but the recipe has 2 stages"):
+        load_recipe(p, ["stages.5.optim.lr=1"])
+
+
 def test_research_grid_variants_compose(tmp_path, data_file):
     for name, check in [
         ("stage1_llm_unfrozen", lambda c: c.stages.align.freeze.llm.mode == "full" and c.stages.align.freeze.llm.lr == 2e-5),

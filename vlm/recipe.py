@@ -229,27 +229,47 @@ def _compose_file(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     return layers + [_normalise(body)]
 
 
-def _parse_overrides(overrides: Sequence[str]) -> dict:
-    out: dict = {}
-    for ov in overrides:
-        if "=" not in ov:
-            raise UserError(f"override {ov!r} is not of the form key=value (e.g. run.seed=1).")
-        try:
-            layer = OmegaConf.to_container(OmegaConf.from_dotlist([ov]))
-        except OmegaConfBaseException as e:
-            raise UserError(f"cannot parse override {ov!r}: {e}") from None
-        out = OmegaConf.to_container(OmegaConf.merge(out, _normalise(layer)))
-    return out
+def _apply_override(cfg: DictConfig, ov: str) -> None:
+    """`key=value`: a mapping value replaces the node, anything else is set. `stages.<i>.` may index stages;
+    a bare string for `stages.<s>.freeze.<module>` sets its mode only (keeping its lr and friends)."""
+    if "=" not in ov:
+        raise UserError(f"override {ov!r} is not of the form key=value (e.g. run.seed=1).")
+    key = ov.split("=", 1)[0].strip()
+    try:
+        value: Any = OmegaConf.to_container(OmegaConf.from_dotlist([ov]))
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot parse override {ov!r}: {e}") from None
+    parts = key.split(".")
+    for part in parts:
+        value = value[part]
+    if len(parts) > 1 and parts[0] == "stages" and parts[1].isdigit():
+        names = list(cfg.get("stages") or {})
+        if int(parts[1]) >= len(names):
+            raise UserError(f"override {ov!r}: stage index {parts[1]} but the recipe has {len(names)} stages "
+                            f"({', '.join(names)}).")
+        parts[1] = names[int(parts[1])]
+    if len(parts) == 4 and parts[0] == "stages" and parts[2] == "freeze" and isinstance(value, str):
+        parts.append("mode")
+    if len(parts) == 3 and parts[0] == "stages" and parts[2] == "data":
+        value = _normalise({"stages": {"s": {"data": value}}})["stages"]["s"]["data"]
+    try:
+        OmegaConf.update(cfg, ".".join(parts), value, merge=not isinstance(value, dict))
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot apply override {ov!r}: {e}") from None
 
 
 def compose(path: str | Path, overrides: Sequence[str] = ()) -> dict:
-    """Merge base files, the recipe body and overrides into one plain (unvalidated) dict."""
-    layers = _compose_file(Path(path)) + [_parse_overrides(overrides)]
+    """Merge base files and the recipe body, apply `key=value` overrides; a plain (unvalidated) dict."""
     try:
-        merged = OmegaConf.merge(*[OmegaConf.create(layer) for layer in layers])
-        return OmegaConf.to_container(merged, resolve=True)
+        merged = OmegaConf.merge(*[OmegaConf.create(layer) for layer in _compose_file(Path(path))])
     except OmegaConfBaseException as e:
         raise UserError(f"cannot compose recipe {path}: {e}") from None
+    for ov in overrides:
+        _apply_override(merged, ov)
+    try:
+        return _normalise(OmegaConf.to_container(merged, resolve=True))
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot resolve recipe {path}: {e}") from None
 
 
 # --------------------------------------------------------------------------- validation
