@@ -139,6 +139,7 @@ class Model:
 @dataclass
 class Distributed:
     strategy: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
+    num_processes: Optional[int] = None  # processes (GPUs) the grid launcher starts per run; null = grid default
 
 
 @dataclass
