@@ -105,6 +105,9 @@ def test_deepspeed_strategy_needs_deepspeed(tmp_path, data_file, monkeypatch):
     with pytest.raises(UserError, match="deepspeed_zero3 needs DeepSpeed, which is not installed"):
         load_recipe(_recipe(tmp_path, data_file), ["distributed.strategy=deepspeed_zero3"])
     assert load_recipe(_recipe(tmp_path, data_file), ["distributed.strategy=fsdp"]).distributed.strategy == "fsdp"
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    with pytest.raises(UserError, match="DeepSpeed fixes the micro-batch"):
+        load_recipe(_recipe(tmp_path, data_file), ["distributed.strategy=deepspeed_zero2"])  # batch 32 vs 16
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "tensorboardX")
                         else real(name, *a))
     with pytest.raises(UserError, match="run.trackers lists tensorboard, but tensorboard is not installed"):

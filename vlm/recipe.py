@@ -386,6 +386,12 @@ def _check_semantics(cfg: dict, where: str) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError(f"distributed.strategy = {cfg['distributed']['strategy']} needs DeepSpeed, which is not "
                             "installed; `pip install deepspeed` (or `.[deepspeed]`) or use ddp / fsdp.")
+        on = [st for st in stages.values() if st["enabled"]]
+        if any(st["grad_accum"] != 1 for st in on) or len({st["optim"]["max_grad_norm"] for st in on}) != 1 \
+                or len({st["batch_size"] for st in on}) != 1:
+            raise UserError(f"distributed.strategy {cfg['distributed']['strategy']}: DeepSpeed fixes the micro-batch, "
+                            "accumulation and clipping for the whole run; use grad_accum: 1 and the same batch_size "
+                            "and optim.max_grad_norm in every stage (or ddp / fsdp).")
 
 
 def _check_dataset(name: str, ds: dict) -> None:

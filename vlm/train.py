@@ -137,7 +137,12 @@ def _make_accelerator(cfg: dict, run_dir: Path) -> Any:
     elif strategy.startswith("deepspeed"):
         from accelerate import DeepSpeedPlugin
 
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=int(strategy[-1]), gradient_accumulation_steps=1)
+        from vlm.recipe import enabled_stages
+
+        stages = [cfg["stages"][n] for n in enabled_stages(cfg)]  # validated: one batch size and clip norm
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=int(strategy[-1]), gradient_accumulation_steps=1,
+                                                     gradient_clipping=stages[0]["optim"]["max_grad_norm"] or 0.0)
+        kwargs["deepspeed_plugin"].deepspeed_config["train_micro_batch_size_per_gpu"] = stages[0]["batch_size"]
     trackers = list(cfg["run"]["trackers"])
     return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(run_dir),
                        **kwargs)
@@ -405,7 +410,8 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
         if scaler is not None:
             scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
         max_norm = o["max_grad_norm"] if o["max_grad_norm"] is not None else float("inf")
-        grad_norm = float(acc.clip_grad_norm_(trainable, max_norm))
+        norm = acc.clip_grad_norm_(trainable, max_norm)  # under DeepSpeed: the engine's (it clips itself)
+        grad_norm = float(norm) if norm is not None else float("nan")
         global_loss = float(acc.reduce(loss_sum, "sum")) / n_tok
         if not math.isfinite(global_loss):
             raise UserError(f"stage {name}: loss is {global_loss} at step {step + 1}; training stopped. Lower the "
