@@ -197,3 +197,26 @@ stages: {{finetune: {{data: [captions], max_steps: 2, batch_size: 7, gradient_ch
     # gone.png is dropped when the file is read (1), broken.png when its batch is loaded (+1 per epoch seen)
     assert m[0]["skipped_samples"] >= 1 and m[-1]["skipped_samples"] == 3
     assert len(list(read_jsonl(tmp_path / "run" / "stages" / "finetune" / "skipped.jsonl"))) == 2
+
+
+def test_hf_image_feature_column(files):
+    """An HF dataset with an Image column (what hub datasets like PixMo-style parquet give) and conversations."""
+    import datasets
+
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red."}]
+    from PIL import Image
+
+    features = datasets.Features({"picture": datasets.Image(), "conversations": [{"from": datasets.Value("string"),
+                                                                               "value": datasets.Value("string")}]})
+    im = Image.new("RGB", (12, 10), (9, 99, 199))  # in memory: the dataset stores its encoded bytes
+    ds = datasets.Dataset.from_dict({"picture": [im], "conversations": [conv]},
+                                    features=features)
+    ds.to_parquet(str(files / "d.parquet"))
+    src = load_source("p", ds_cfg(type="hf", path="parquet", data_files=[str(files / "d.parquet")],
+                                  columns={"image": "picture"}), "raise")
+    rec = src.records[0]
+    assert rec.messages[1] == {"role": "assistant", "content": "Red."}
+    assert isinstance(rec.images[0], bytes)  # kept encoded, decoded when the sample is loaded
+    from vlm.data import open_image
+
+    assert open_image(rec.images[0]).tobytes() == im.tobytes()

@@ -199,6 +199,8 @@ def _hf_records(ds_cfg: Mapping[str, Any], where: str):
             raise UserError(f"{where}.columns: {ours}: {col} — " + (
                 f"{ours!r} is not one of {', '.join(sorted(cols))}" if ours not in cols else
                 f"the dataset has no column {col!r}; its columns are {', '.join(ds.column_names)}") + ".")
+    if isinstance(ds.features.get(cols["image"]), datasets.Image):  # keep encoded bytes; decode when loaded
+        ds = ds.cast_column(cols["image"], datasets.Image(decode=False))
     root = Path(ds_cfg["image_root"]).expanduser() if ds_cfg["image_root"] else Path.cwd()
     for i, row in enumerate(ds):
         w = f"{ds_cfg['path']}[{ds_cfg['split']}] row {i}"

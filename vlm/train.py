@@ -94,7 +94,7 @@ def apply_artifact(vlm: Any, stage_cfg: dict, art: Path) -> None:
             merge_lora(module_of(vlm, m))
 
 
-def load_run(run_dir: str | os.PathLike) -> Any:
+def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
     """Rebuild a run's VLM from its `recipe.yaml` and apply every finished stage's artifact (LoRA merged)."""
     from vlm.recipe import enabled_stages, validate
 
@@ -109,8 +109,11 @@ def load_run(run_dir: str | os.PathLike) -> Any:
             raise UserError(f"run {run_dir}: stage {name!r} has not finished (no {pointer}); resume it with "
                             f"`vlm train {run_dir / 'recipe.yaml'} --out {run_dir}`.")
         apply_artifact(vlm, cfg["stages"][name], Path(read_json(pointer)["path"]))
-    vlm.eval()
-    return vlm
+    for p in vlm.parameters():
+        p.requires_grad_(False)
+    if device is not None or dtype is not None:
+        vlm.to(device=device, dtype=dtype)
+    return vlm.eval()
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
