@@ -220,3 +220,24 @@ def test_hf_image_feature_column(files):
     from vlm.data import open_image
 
     assert open_image(rec.images[0]).tobytes() == im.tobytes()
+
+
+def test_hf_uri_llava_files_are_fetched_from_the_dataset_repo(files, monkeypatch):
+    """recipes/data/*.yaml name LLaVA-format hub files as hf://org/repo/file; offline failures are UserErrors."""
+    import huggingface_hub
+
+    (files / "blip.json").write_text(json.dumps([_rec(0)]))
+    calls = []
+
+    def fake(repo_id, filename, repo_type=None, **kw):
+        calls.append((repo_id, filename, repo_type))
+        if repo_id == "offline/repo":
+            raise OSError("no network")
+        return str(files / "blip.json")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    cfg = ds_cfg(type="llava", path="hf://liuhaotian/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", image_root=str(files))
+    assert len(load_source("p", cfg, "raise").records) == 1
+    assert calls == [("liuhaotian/LLaVA-Pretrain", "blip_laion_cc_sbu_558k.json", "dataset")]
+    with pytest.raises(UserError, match="cannot fetch hf://offline/repo/x.json .*Download the file"):
+        load_source("p", {**cfg, "path": "hf://offline/repo/x.json"}, "raise")

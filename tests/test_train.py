@@ -184,3 +184,24 @@ def _catch(errors, fn, *args):
         fn(*args)
     except BaseException as e:  # surfaced by the test's assertion
         errors.append(e)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_stages_run_close_to_fp32(recipe, tmp_path, precision):
+    base = ["stages.finetune.enabled=false", "stages.align.feature_cache=false"]
+    train(load_recipe(recipe, base), tmp_path / "fp32")
+    train(load_recipe(recipe, base + [f"stages.align.precision={precision}"]), tmp_path / precision)
+    ref = [m["loss"] for m in read_jsonl(tmp_path / "fp32" / "metrics.jsonl")]
+    got = [m["loss"] for m in read_jsonl(tmp_path / precision / "metrics.jsonl")]
+    assert got == pytest.approx(ref, rel=2e-2) and got != ref  # autocast really changed the arithmetic
+
+
+def test_gradient_checkpointing_gives_the_same_training(recipe, tmp_path):
+    base = ["stages.align.enabled=false", "stages.finetune.max_steps=2"]
+    train(load_recipe(recipe, base + ["stages.finetune.gradient_checkpointing=false"]), tmp_path / "plain")
+    train(load_recipe(recipe, base + ["stages.finetune.gradient_checkpointing=true"]), tmp_path / "gc")
+    a = [m["loss"] for m in read_jsonl(tmp_path / "plain" / "metrics.jsonl")]
+    b = [m["loss"] for m in read_jsonl(tmp_path / "gc" / "metrics.jsonl")]
+    assert a == pytest.approx(b, rel=1e-6)
+    ckpt = read_json(tmp_path / "gc" / "stages" / "finetune" / "checkpoints" / "latest.json")
+    assert ckpt["step"] == 2  # the end state is checkpointed too

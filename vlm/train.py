@@ -456,6 +456,11 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
             acc.wait_for_everyone()
             run.status(state="running", stage=name, step=step, total_steps=total)
     bar.close()
+    if run.main and not _sharded(acc):  # the full end state too (resume at the end = nothing left to do)
+        save_checkpoint(ckpt_root, step, acc.unwrap_model(model),
+                        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, scheduler,
+                        {"epoch": step // spe, "batch_in_epoch": step % spe, "skipped_samples": skipped,
+                         "scaler": scaler.state_dict() if scaler is not None else None}, keep=1)
     weights = _trainable_weights(acc, model, vlm)
     if st["gradient_checkpointing"]:
         lm = vlm.language_model
