@@ -495,7 +495,8 @@ def run_validate(args: argparse.Namespace) -> int:
     print(f"  {'stage':<12} {'module':<10} {'mode':<16} {'trainable':>12} {'lr':>10}  data")
     for stage, rows in plan_rows(cfg):
         st = cfg.stages[stage]
-        data = ", ".join(f"{d.dataset}x{d.weight:g}" + (f"<={d.max_samples}" if d.max_samples else "") for d in st.data)
+        data = ", ".join(d.dataset + (f" x{d.weight:g}" if d.weight != 1 else "") +
+                         (f" (max {d.max_samples})" if d.max_samples else "") for d in st.data)
         for i, (module, mode, n, lr) in enumerate(rows):
             print(f"  {stage if i == 0 else '':<12} {module:<10} {mode:<16} {n:>12,} {lr if n else '-':>10}  "
                   f"{data if i == 0 else ''}")
