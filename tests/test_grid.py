@@ -302,3 +302,45 @@ def test_gpu_points_train_under_accelerate_launch(tmp_path):
     assert train[train.index("-m", 3):] == ["-m", "vlm", "train", "/r.yaml", "stages.align.optim.lr=0.001", "--out",
                                              str(tmp_path / "x=1")]
     assert ev == ["vlm", "eval", str(tmp_path / "x=1")]
+
+
+# ---------------------------------------------------------------- the real smoke grid (Done-when of the grid issue)
+
+
+def test_smoke_grid_two_workers_killed_and_rerun_covers_every_point_once(tmp_path):
+    """Real `vlm train`/`vlm eval` on recipes/grids/smoke.yaml: kill the launcher after the first point finishes,
+    launch again, and check every point finished once, stage 1 was trained once per shared artifact, and the
+    report covers all points."""
+    out = tmp_path / "smoke"
+    launcher = subprocess.Popen([sys.executable, "-m", "vlm", "grid", "recipes/grids/smoke.yaml", "--out", str(out),
+                                 "--workers", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    events = out / "_grid" / "events.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not [e for e in read_jsonl(events) if e["event"] == "done"]:
+        assert launcher.poll() is None, "the launcher exited before any point finished"
+        time.sleep(0.2)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    plan_ids = [p["id"] for p in load_plan(out)["points"]]
+    assert [point_state(out, pid) for pid in plan_ids].count("done") < len(plan_ids)  # killed mid-way
+
+    result = launch(ROOT / "recipes/grids/smoke.yaml", out, workers=2, echo=lambda *_: None)
+    assert all(point_state(out, pid) == "done" for pid in plan_ids), result
+    ev = list(read_jsonl(events))
+    for pid in plan_ids:
+        assert sum(e["point"] == pid and e["event"] == "done" for e in ev) == 1
+    trained = {}
+    for pid in plan_ids:
+        align = read_json(out / pid / "manifest.json")["stages"]["align"]
+        trained.setdefault(align["key"], []).append(align["trained"])
+    assert len(trained) == 2 and all(flags.count(True) == 1 for flags in trained.values())  # stage 1 shared
+
+    from vlm.report import build_report
+
+    build_report(out)
+    with open(out / "results.csv", newline="") as f:
+        import csv
+
+        rows = list(csv.DictReader(f))
+    assert sorted(r["run_id"] for r in rows) == sorted(plan_ids)
+    assert all(r["state"] == "done" and r["fine_grained"] != "" and r["general"] != "" for r in rows)

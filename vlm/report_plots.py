@@ -30,7 +30,8 @@ def scatter_fine_vs_general(data: Collected, path: Path) -> Path | None:
     xs = [r.metrics["general"] for r in ok]
     ys = [r.metrics["fine_grained"] for r in ok]
     gaps = [r.metrics.get("gap", y - x) for r, x, y in zip(ok, xs, ys)]
-    sc = ax.scatter(xs, ys, c=gaps, cmap="coolwarm", s=60, edgecolors="black")
+    span = max(abs(min(gaps)), abs(max(gaps)), 1e-6)  # white = no gap, blue = worse at fine-grained
+    sc = ax.scatter(xs, ys, c=gaps, cmap="coolwarm", vmin=-span, vmax=span, s=60, edgecolors="black")
     fig.colorbar(sc, ax=ax, label="gap")
     lo, hi = min(xs + ys), max(xs + ys)
     pad = (hi - lo) * 0.1 or 0.05
