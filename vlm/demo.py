@@ -1,0 +1,313 @@
+"""`vlm demo [--quick] [--out DIR]`: the README's main job, end to end on one machine.
+
+    1. `vlm zoo prepare dinov2-s efficientnet-lite0 smollm2-135m-instruct`   (a no-op once the cache is ready)
+    2. `vlm data synth` — the generated world the demo recipes name            (cached outside the repo)
+    3. `vlm grid recipes/grids/demo.yaml --out runs/demo`                      (local executor; done points skipped)
+    4. `vlm report runs/demo`                                                  (report.md, report.html, plots/)
+
+then a summary: every point's scores with their standard errors, and every axis's paired difference with the
+standard error of the per-item differences (`summary_markdown`, docs/demo.md).
+`--quick` runs the same grid on `recipes/demo/quick.yaml` (fewer steps and eval items) into runs/demo-quick.
+Each step prints what it does and how long it took; the grid step shows every running point's stage and step.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from vlm.errors import UserError
+from vlm.io import atomic_write_json, atomic_write_text, read_json
+
+ROOT = Path(__file__).resolve().parent.parent
+GRID = ROOT / "recipes" / "grids" / "demo.yaml"
+QUICK_BASE = ROOT / "recipes" / "demo" / "quick.yaml"
+ZOO_ENTRIES = ("dinov2-s", "efficientnet-lite0", "smollm2-135m-instruct")
+WORLD = {"preset": "quick", "seed": 0}  # the world the demo recipes name as `${synth_world:quick,0}`
+
+
+@dataclass
+class Plan:
+    """What `vlm demo` will do; `steps` are (name, description) in order."""
+
+    quick: bool
+    out: Path
+    grid: Path  # the grid file launched (for --quick, a copy of demo.yaml on the quick base, written into out)
+    workers: int
+    steps: list[tuple[str, str]] = field(default_factory=list)
+
+
+def make_plan(quick: bool = False, out: str | Path | None = None, workers: int = 1) -> Plan:
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}.")
+    out = Path(out) if out else Path("runs") / ("demo-quick" if quick else "demo")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose another --out.")
+    grid = out / "demo_quick.yaml" if quick else GRID
+    plan = Plan(quick=quick, out=out, grid=grid, workers=workers)
+    plan.steps = [
+        ("zoo", f"vlm zoo prepare {' '.join(ZOO_ENTRIES)}"),
+        ("data", f"vlm data synth (preset {WORLD['preset']}, seed {WORLD['seed']}) into the synth cache"),
+        ("grid", f"vlm grid {grid} --out {out} --workers {workers}"),
+        ("report", f"vlm report {out}"),
+    ]
+    return plan
+
+
+def quick_grid_text() -> str:
+    """recipes/grids/demo.yaml with `base` pointing at the quick recipe (absolute, so it runs from any dir)."""
+    raw = yaml.safe_load(GRID.read_text(encoding="utf-8"))
+    raw["name"] = "demo-quick"
+    raw["base"] = str(QUICK_BASE)
+    return "# written by `vlm demo --quick`: recipes/grids/demo.yaml on recipes/demo/quick.yaml\n" + \
+        yaml.safe_dump(raw, sort_keys=False)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def step_zoo(echo: Callable[[str], None]) -> None:
+    from vlm.zoo import get_entry, prepare_entry
+
+    for name in ZOO_ENTRIES:
+        prepare_entry(get_entry(name), log=lambda m: echo(f"  {m}"))
+
+
+def step_data(echo: Callable[[str], None]) -> Path:
+    from vlm.data import synth_dir
+
+    world = synth_dir({**WORLD, "cache_dir": None})
+    echo(f"  world: {world}")
+    return world
+
+
+def _point_line(run_dir: Path) -> str | None:
+    path = run_dir / "status.json"
+    if not path.exists():
+        return None
+    try:
+        st = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if st.get("state") == "done":
+        return "trained" if not (run_dir / "eval").exists() else "evaluating / done"
+    step, total = st.get("step"), st.get("total_steps")
+    where = st.get("stage") or "-"
+    return f"{where} {step}/{total}" if step is not None and total else where
+
+
+def watch_points(grid_dir: Path, stop: threading.Event, echo: Callable[[str], None], every: float = 15.0) -> None:
+    """Print each point's stage and step whenever it changes (the point logs hold the details)."""
+    seen: dict[str, str] = {}
+    t0 = time.time()
+    while not stop.wait(every):
+        for run_dir in sorted(p for p in grid_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", "artifacts"))):
+            line = _point_line(run_dir)
+            if line and seen.get(run_dir.name) != line:
+                seen[run_dir.name] = line
+                echo(f"  [{_mmss(time.time() - t0)}] {run_dir.name}: {line}")
+
+
+def step_grid(plan: Plan, echo: Callable[[str], None]) -> dict[str, str]:
+    from vlm.grid import launch
+
+    plan.out.mkdir(parents=True, exist_ok=True)
+    if plan.quick:
+        atomic_write_text(plan.grid, quick_grid_text())
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_points, args=(plan.out, stop, echo), daemon=True)
+    watcher.start()
+    try:
+        outcome = launch(plan.grid, plan.out, executor="local", workers=plan.workers, echo=lambda m: echo(f"  {m}"))
+    finally:
+        stop.set()
+        watcher.join(timeout=1)
+    return outcome
+
+
+def step_report(plan: Plan, echo: Callable[[str], None]) -> dict[str, Path]:
+    from vlm.report import build_report
+
+    files = build_report(plan.out)
+    for name, path in files.items():
+        echo(f"  {name}: {path}")
+    return files
+
+
+# ---------------------------------------------------------------- noise check from per-item predictions
+
+# (task dir, metric name) -> per-item score of a predictions.jsonl record
+ITEM_SCORES: dict[tuple[str, str], Callable[[dict], float]] = {
+    ("synth_fg", "mc_acc"): lambda r: float(r["mc_pred"] == r["mc_answer"]),
+    ("synth_fg", "likelihood_top1"): lambda r: float(bool(r["likelihood_sum_top1_correct"])),
+    ("synth_fg", "open_acc"): lambda r: float(bool(r["open_correct"])),
+    ("synth_vqa", "vqa_acc"): lambda r: _vqa(r),
+    ("synth_spec", "spec_acc"): lambda r: float(bool(r["correct"])),
+}
+
+
+def _vqa(r: dict) -> float:
+    from eval.metrics import vqa_accuracy
+
+    return vqa_accuracy(r["prediction"], r["answers"])
+
+
+def item_scores(run_dir: Path) -> dict[str, dict[str, float]]:
+    """metric -> {item id: score} from a run's eval/<task>/predictions.jsonl (metrics whose fields are absent skipped)."""
+    from vlm.io import read_jsonl
+
+    out: dict[str, dict[str, float]] = {}
+    for (task, metric), fn in ITEM_SCORES.items():
+        recs = list(read_jsonl(run_dir / "eval" / task / "predictions.jsonl"))
+        try:
+            scores = {str(r["id"]): fn(r) for r in recs}
+        except KeyError:
+            continue
+        if scores:
+            out[metric] = scores
+    return out
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample sd / sqrt(n)); SE 0 for n < 2."""
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, 0.0
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, (var / n) ** 0.5
+
+
+def paired_effects(points: list[dict[str, Any]], scores: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """For every axis and non-reference level: per-item differences (level − reference) over every pair of
+    points that differ in that axis only, pooled; mean, SE and the number of paired items. The SE is the
+    item-sampling error of the difference (same items in both points), so |mean| > 2 SE is a difference the
+    eval set resolves; training-seed noise is checked separately (docs/demo.md)."""
+    axes = list(points[0]["labels"]) if points else []
+    effects = []
+    for axis in axes:
+        levels = list(dict.fromkeys(p["labels"][axis] for p in points))
+        for level in levels[1:]:
+            for metric in sorted({m for s in scores.values() for m in s}):
+                diffs = []
+                for p in points:
+                    if p["labels"][axis] != levels[0]:
+                        continue
+                    twin = next((q for q in points if q["labels"][axis] == level and all(
+                        q["labels"][a] == p["labels"][a] for a in axes if a != axis)), None)
+                    a = scores.get(p["id"], {}).get(metric)
+                    b = scores.get(twin["id"], {}).get(metric) if twin else None
+                    if a and b:
+                        diffs += [b[i] - a[i] for i in a if i in b]
+                if diffs:
+                    m, se = mean_se(diffs)
+                    effects.append({"axis": axis, "level": level, "reference": levels[0], "metric": metric,
+                                    "diff": m, "se": se, "n": len(diffs)})
+    return effects
+
+
+def summary_markdown(grid_dir: Path) -> str:
+    """Per-point scores ± SE and paired axis effects ± SE, from the per-item predictions of a grid dir."""
+    plan_file = Path(grid_dir) / "_grid" / "plan.json"
+    if not plan_file.exists():
+        return "no grid plan found; nothing to summarise.\n"
+    points = read_json(plan_file)["points"]
+    scores = {p["id"]: item_scores(Path(grid_dir) / p["id"]) for p in points}
+    metrics = [m for _, m in ITEM_SCORES if any(m in s for s in scores.values())]
+    lines = ["## Demo summary (mean ± standard error over eval items)", "",
+             "| point | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for p in points:
+        cells = []
+        for m in metrics:
+            xs = list(scores[p["id"]].get(m, {}).values())
+            cells.append("–" if not xs else "{:.3f} ± {:.3f}".format(*mean_se(xs)))
+        lines.append(f"| {p['id']} | " + " | ".join(cells) + " |")
+    effects = paired_effects(points, scores)
+    if effects:
+        lines += ["", "## Paired axis effects (level − reference, same items; * = |Δ| > 2 SE)", "",
+                  "| axis | level vs reference | metric | Δ | SE | items |", "|---|---|---|---|---|---|"]
+        for e in effects:
+            star = " *" if e["se"] > 0 and abs(e["diff"]) > 2 * e["se"] else ""
+            lines.append(f"| {e['axis']} | {e['level']} vs {e['reference']} | {e['metric']} | "
+                         f"{e['diff']:+.3f}{star} | {e['se']:.3f} | {e['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mmss(s: float) -> str:
+    return f"{int(s) // 60:02d}:{int(s) % 60:02d}"
+
+
+def run(plan: Plan, echo: Callable[[str], None] = print) -> int:
+    """Run every step of the plan; write `OUT/demo_timings.json`; return 1 if a grid point failed."""
+    timings: dict[str, float] = {}
+    t_all = time.time()
+    outcome: dict[str, str] = {}
+    for i, (name, desc) in enumerate(plan.steps, 1):
+        echo(f"[{i}/{len(plan.steps)}] {desc}")
+        t0 = time.time()
+        if name == "zoo":
+            step_zoo(echo)
+        elif name == "data":
+            step_data(echo)
+        elif name == "grid":
+            outcome = step_grid(plan, echo)
+        elif name == "report":
+            step_report(plan, echo)
+        timings[name] = round(time.time() - t0, 1)
+        echo(f"      {name} took {_mmss(timings[name])}")
+    timings["total"] = round(time.time() - t_all, 1)
+    record = {"quick": plan.quick, "workers": plan.workers, "timings_s": timings, "finished": time.time()}
+    history = plan.out / "demo_timings.json"
+    prior = read_json(history).get("runs", []) if history.exists() else []
+    atomic_write_json(history, {"runs": [*prior, record]})
+    summary = summary_markdown(plan.out)
+    atomic_write_text(plan.out / "demo_summary.md", summary)
+    echo("")
+    echo(summary)
+    echo(f"demo finished in {_mmss(timings['total'])}: {plan.out / 'report.md'}, {plan.out / 'report.html'}, "
+         f"{plan.out / 'demo_summary.md'}")
+    failed = [k for k, v in outcome.items() if v == "failed"]
+    if failed:
+        echo(f"{len(failed)} point(s) failed: see `vlm status {plan.out}` and {plan.out / '_grid' / 'logs'}")
+        return 1
+    return 0
+
+
+def configure_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer training steps and eval items (recipes/demo/quick.yaml): about a third of the time")
+    parser.add_argument("--out", help="grid dir (default runs/demo, or runs/demo-quick with --quick); "
+                        "run again with the same --out to continue")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="grid points run at the same time (default 1: on 2 CPU cores more only adds contention)")
+    parser.add_argument("--dry-run", action="store_true", help="print the steps and the grid's points; run nothing")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    plan = make_plan(args.quick, args.out, args.workers)
+    if args.dry_run:
+        for i, (_, desc) in enumerate(plan.steps, 1):
+            print(f"[{i}/{len(plan.steps)}] {desc}")
+        from vlm.grid import plan_grid, print_plan
+        from vlm.grid_spec import load_grid
+
+        if plan.quick:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "demo_quick.yaml"
+                path.write_text(quick_grid_text(), encoding="utf-8")
+                grid = load_grid(path)
+                print_plan(grid, plan_grid(grid, None))
+        else:
+            grid = load_grid(plan.grid)
+            print_plan(grid, plan_grid(grid, None))
+        return 0
+    sys.stdout.reconfigure(line_buffering=True)
+    return run(plan)
