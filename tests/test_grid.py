@@ -344,3 +344,20 @@ def test_smoke_grid_two_workers_killed_and_rerun_covers_every_point_once(tmp_pat
         rows = list(csv.DictReader(f))
     assert sorted(r["run_id"] for r in rows) == sorted(plan_ids)
     assert all(r["state"] == "done" and r["fine_grained"] != "" and r["general"] != "" for r in rows)
+
+
+def test_research_grid_validates_when_its_data_is_present(tmp_path, monkeypatch, capsys):
+    for var in ("LLAVA_PRETRAIN_IMAGES", "SHAREGPT4V_IMAGES", "LLAVA_FINETUNE_IMAGES"):
+        monkeypatch.setenv(var, str(tmp_path))
+    path = ROOT / "recipes/grids/fine_grained_knowledge.yaml"
+    grid = load_grid(path)
+    assert len(grid.points()) == 32 and grid.base.read_text().count(str(ROOT / "recipes")) == 3  # list of bases
+    validate_grid(path)
+    out = capsys.readouterr().out
+    assert "enc=dinosiglip,llm=qwen2.5-7b,pt=sharegpt4v,s1llm=unfrozen" in out
+    assert "stage 1 is trained 32 time(s) for 32 points" in out
+    from vlm.grid import resolve_point
+
+    cfg = resolve_point(grid, grid.points()[-1])
+    assert set(cfg.model.encoder) == {"type", "mode", "encoders"}  # the preset, not merged with another encoder
+    assert cfg.stages.align.freeze.llm.mode == "full" and list(cfg.stages.align.data[0].values())[0] == "sharegpt4v_pt"

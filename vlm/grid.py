@@ -15,7 +15,7 @@ import yaml
 
 from vlm.errors import UserError
 from vlm.grid_exec import DONE, FAILED, QUEUED, RUNNING, bookkeeping, is_locked, read_record, run_local, run_point, write_record
-from vlm.grid_spec import Grid, Point, load_grid
+from vlm.grid_spec import Grid, Point, compose_base, load_grid
 from vlm.io import atomic_write_json, atomic_write_text, read_json
 
 ARTIFACT_KEY = "run.artifact_store"
@@ -102,7 +102,10 @@ def prepare_grid_dir(grid: Grid, grid_dir: Path, plan: list[dict[str, Any]]) -> 
                     "gives it; launch into a new --out, or delete that point's run dir and its _grid/points record")
         kept = [p for p in read_json(plan_file)["points"] if p["id"] not in {q["id"] for q in plan}]
         plan = plan + kept
-    copy = dict(grid.raw, base=str(grid.base))
+    bases = grid.raw["base"] if isinstance(grid.raw["base"], list) else [grid.raw["base"]]
+    copy = dict(grid.raw, base=[str((grid.path.parent / str(b)).resolve()) for b in bases])
+    if len(bases) == 1:
+        copy["base"] = copy["base"][0]
     atomic_write_text(grid_dir / "grid.yaml", yaml.safe_dump(copy, sort_keys=False))
     atomic_write_json(plan_file, {"name": grid.name, "source": str(grid.path.resolve()), "base": str(grid.base),
                                   "axes": list(grid.axes), "groups": grid.groups, "points": plan})
@@ -120,6 +123,8 @@ def launch(grid_path: str | Path, out: str | Path | None = None, *, executor: st
     grid = load_grid(grid_path)
     grid_dir = Path(out) if out else Path("runs") / grid.name
     grid_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(grid.raw["base"], list):  # keep the composed base inside the grid dir, next to grid.yaml
+        grid.base = compose_base([(grid.path.parent / str(b)).resolve() for b in grid.raw["base"]], bookkeeping(grid_dir))
     plan = plan_grid(grid, grid_dir)
     prepare_grid_dir(grid, grid_dir, plan)
     todo = [p for p in plan if read_record(grid_dir, p["id"]).get("state") != DONE]

@@ -2,7 +2,8 @@
 
 ```yaml
 name: my-grid
-base: ../smoke.yaml               # the recipe every point starts from (relative to this file)
+base: ../smoke.yaml               # the recipe every point starts from (relative to this file), or a list of
+                                  # recipe files merged in order (like a recipe's `defaults:`)
 set: {run.seed: 0}                # overrides applied to every point (dotted recipe keys)
 axes:                             # order here = order in run ids
   enc:                            # axis name, used in run ids: enc=<label>
@@ -22,8 +23,11 @@ slurm: {partition: gpu, timeout_min: 1440}   # submitit parameters for --executo
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import itertools
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +53,7 @@ class Point:
 class Grid:
     path: Path
     name: str
-    base: Path
+    base: Path  # one recipe file (a list of bases is composed into one, see `compose_base`)
     axes: dict[str, dict[str, Any]]  # axis -> {"key": str|None, "values": {label: value}}
     groups: list[list[str]]  # crossed factors; each a list of zipped axes
     common: dict[str, Any] = field(default_factory=dict)
@@ -125,9 +129,12 @@ def load_grid(path: str | Path) -> Grid:
         raise _err(path, "top level", f"unknown field(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     if "base" not in raw:
         raise _err(path, "top level", "missing `base`: the recipe every point starts from")
-    base = (path.parent / str(raw["base"])).resolve()
-    if not base.is_file():
-        raise _err(path, "base", f"recipe {base} does not exist (paths are relative to the grid file)")
+    bases = raw["base"] if isinstance(raw["base"], list) else [raw["base"]]
+    files = [(path.parent / str(b)).resolve() for b in bases]
+    for f in files:
+        if not f.is_file():
+            raise _err(path, "base", f"recipe {f} does not exist (paths are relative to the grid file)")
+    base = files[0] if len(files) == 1 else compose_base(files, Path(tempfile.gettempdir()))
     axes = {str(k): _parse_axis(str(k), v, path) for k, v in _mapping(raw.get("axes"), path, "axes").items()}
     if not axes:
         raise _err(path, "axes", "a grid needs at least one axis")
@@ -145,6 +152,17 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(path=path, name=str(raw.get("name") or path.stem), base=base, axes=axes, groups=groups,
                 common=_mapping(raw.get("set"), path, "set"), exclude=exclude, point_overrides=point_overrides,
                 slurm=_mapping(raw.get("slurm"), path, "slurm"), raw=raw)
+
+
+def compose_base(files: list[Path], folder: Path) -> Path:
+    """A list of base recipes becomes one recipe whose `defaults:` are those files, merged in order."""
+    text = "defaults:\n" + "".join(f"  - {json.dumps(str(f))}\n" for f in files)
+    out = Path(folder) / f"grid-base-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    if not out.exists():
+        from vlm.io import atomic_write_text
+
+        atomic_write_text(out, text)
+    return out
 
 
 def _groups(zips: Any, axes: dict, path: Path) -> list[list[str]]:
