@@ -100,6 +100,9 @@ def test_load_time_broken_samples_unreadable_image_and_overlong(files, tok):
     ds.on_error = "skip"
     batch = collate([ds[0], ds[1], ds[2]], pad_id=0)
     assert batch["num_samples"] == 1 and len(batch["broken"]) == 2 and len(batch["images"]) == 1
+    empty = collate([ds[1], ds[2]], pad_id=0)  # all broken: a harmless pad row, no targets, no images
+    assert empty["num_samples"] == 0 and empty["num_target_tokens"] == 0 and empty["input_ids"].shape[0] == 1
+    assert not empty["images"] and (empty["labels"] == IGNORE_INDEX).all()
 
 
 def test_dynamic_padding(files, tok):

@@ -67,7 +67,9 @@ def _artifacts(run: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def test_sigkill_and_resume_is_bitwise_equal(recipe, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    p_ref, p_kill = _vlm_train(recipe, ref), _vlm_train(recipe, killed)
+    # separate feature caches: the two runs must not feed each other features computed in other batches
+    own = [f"run.feature_cache_dir={tmp_path / 'fc_ref'}"], [f"run.feature_cache_dir={tmp_path / 'fc_killed'}"]
+    p_ref, p_kill = _vlm_train(recipe, ref, *own[0]), _vlm_train(recipe, killed, *own[1])
     deadline = time.time() + 300
     while time.time() < deadline and p_kill.poll() is None:
         steps = [m.get("step", 0) for m in read_jsonl(killed / "metrics.jsonl") if m.get("stage") == "finetune"]
@@ -78,7 +80,7 @@ def test_sigkill_and_resume_is_bitwise_equal(recipe, tmp_path):
     assert p_kill.wait() == -signal.SIGKILL, p_kill.stdout.read()
     assert p_ref.wait() == 0, p_ref.stdout.read()
     assert (killed / "stages" / "finetune" / "checkpoints" / "latest.json").is_file()
-    p_res = _vlm_train(recipe, killed)
+    p_res = _vlm_train(recipe, killed, *own[1])
     assert p_res.wait() == 0, p_res.stdout.read()
 
     a, b = _artifacts(ref), _artifacts(killed)

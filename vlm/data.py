@@ -366,9 +366,11 @@ def collate(items: list[dict], pad_id: int) -> dict:
     good = [x for x in items if "broken" not in x]
     broken = [x["broken"] for x in items if "broken" in x]
     width = max([len(x["input_ids"]) for x in good], default=1)
-    ids = torch.full((len(good), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(good), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(good), width), dtype=torch.long)
+    rows = max(len(good), 1)  # all broken: one pad row with no targets keeps every process's step in lockstep
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    mask[:, 0] = 1
     for b, x in enumerate(good):
         n = len(x["input_ids"])
         ids[b, :n] = torch.tensor(x["input_ids"])

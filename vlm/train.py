@@ -146,6 +146,10 @@ def _make_accelerator(cfg: dict, run_dir: Path) -> Any:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=int(strategy[-1]), gradient_accumulation_steps=1,
                                                      gradient_clipping=stages[0]["optim"]["max_grad_norm"] or 0.0)
         kwargs["deepspeed_plugin"].deepspeed_config["train_micro_batch_size_per_gpu"] = stages[0]["batch_size"]
+    else:  # text-only batches leave the encoder and connector unused; ddp must tolerate that
+        from accelerate import DistributedDataParallelKwargs
+
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     trackers = list(cfg["run"]["trackers"])
     return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(run_dir),
                        **kwargs)
@@ -381,8 +385,11 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
         if epoch != plan_epoch:  # this process's micro-batches for the rest of the epoch, loaded in order
             plan, plan_epoch = epoch_batches(lengths, gbs, seed, epoch, cfg["data"]["group_by_length"]), epoch
             mine = [micro_batch(plan[p], a, rank, world, per_dev) for p in range(pos, spe) for a in range(accum)]
+            # a private generator: starting an iterator must not draw from the global RNG (dropout), or a
+            # run resumed mid-epoch would see different random numbers than an uninterrupted one
             batches = iter(torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=cfg["data"]["num_workers"],
-                                                       collate_fn=functools.partial(collate, pad_id=pad_id)))
+                                                       collate_fn=functools.partial(collate, pad_id=pad_id),
+                                                       generator=torch.Generator().manual_seed(seed + epoch)))
         micro = [next(batches) for _ in range(accum)]
         for b in micro:
             for why in b["broken"]:
@@ -397,18 +404,17 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
             module_of(vlm, m).train(st["freeze"][m]["mode"] != "frozen")
         for a, b in enumerate(micro):
             sync = acc.no_sync(model) if a < accum - 1 and world > 1 else nullcontext()
-            with sync, autocast():
-                kw = _image_inputs(vlm, b, cache, acc.device)
-                ids = b["input_ids"].to(acc.device)
-                out = model(input_ids=ids, attention_mask=b["attention_mask"].to(acc.device), **kw)
+            with sync:
+                with autocast():
+                    kw = _image_inputs(vlm, b, cache, acc.device)
+                    ids = b["input_ids"].to(acc.device)
+                    out = model(input_ids=ids, attention_mask=b["attention_mask"].to(acc.device), **kw)
                 logits = out.logits[:, :-1].float()
                 tgt = b["labels"][:, 1:].to(acc.device)
                 tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                            ignore_index=-100, reduction="sum")
                 loss = tok_loss * world / n_tok
-                if scaler is not None:
-                    loss = scaler.scale(loss)
-                acc.backward(loss)
+                acc.backward(scaler.scale(loss) if scaler is not None else loss)
             loss_sum += tok_loss.detach()
         if scaler is not None:
             scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
