@@ -54,7 +54,7 @@ def images(n: int, seed: int = 0) -> list[Any]:
 
 
 def ours(vlm: Any, ims: list[Any], names: list[str], cont_batch: int) -> list[list[float]]:
-    res = vlm.score(ims, [PROMPT] * len(ims), [names] * len(ims), continuation_batch_size=cont_batch)
+    res = vlm.score(ims, [PROMPT] * len(ims), [names] * len(ims), token_budget=cont_batch)
     return [[r.sum_logprob for r in row] for row in res]
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--reps-large", type=int, default=2, help="repetitions for 1,000+ classes (keeps the run short)")
     p.add_argument("--baseline-batch", type=int, default=16)
-    p.add_argument("--cont-batch", type=int, default=64, help="VLM.score continuation_batch_size")
+    p.add_argument("--token-budget", dest="cont_batch", type=int, default=1024, help="VLM.score token_budget (continuation tokens per forward)")
     p.add_argument("--quick", action="store_true", help="100 classes, 1 image, 2 repetitions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default); see docs/performance.md")
     args = p.parse_args(argv)

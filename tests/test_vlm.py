@@ -110,7 +110,7 @@ def test_score_equals_one_full_forward_per_continuation(model, chat_template):
     images = [_image(6), None, _image(7)]
     prompts = ["<image> what is this?", "text only question", "<image> and this one?"]
     conts = [["a red cat", "dog", "a very long answer with several words"], ["yes"], ["no", "maybe so"]]
-    got = model.score(images, prompts, conts, chat_template=chat_template, batch_size=2, continuation_batch_size=2)
+    got = model.score(images, prompts, conts, chat_template=chat_template, batch_size=2, token_budget=4)
     for img, p, cs, res in zip(images, prompts, conts, got):
         assert len(res) == len(cs)
         for c, r in zip(cs, res):
@@ -124,8 +124,8 @@ def test_score_batching_does_not_change_results(model):
     images = [_image(i) for i in range(5)]
     prompts = [f"<image> item {'x ' * i}" for i in range(5)]
     conts = [["one", "two words", "three more words"]] * 5
-    a = model.score(images, prompts, conts, batch_size=5, continuation_batch_size=64)
-    b = model.score(images, prompts, conts, batch_size=1, continuation_batch_size=1)
+    a = model.score(images, prompts, conts, batch_size=5, token_budget=1024)
+    b = model.score(images, prompts, conts, batch_size=1, token_budget=1)
     for ra, rb in zip(a, b):
         for x, y in zip(ra, rb):
             assert x["sum_logprob"] == pytest.approx(y["sum_logprob"], abs=1e-4)
@@ -176,3 +176,13 @@ def test_empty_text_prompt_conditions_on_a_start_token(model):
     [[res]] = model.score([None], [""], [["some words"]], chat_template=False)
     assert res["num_tokens"] == len(model._continuation_ids("some words"))
     assert res["sum_logprob"] < 0
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "mistral", "gemma"])
+def test_packed_score_is_exact_for_each_llm_family(llm):
+    m = tiny_vlm(llm=llm, seed=3)
+    img = _image(12)
+    conts = ["a", "two words", "and three more words", "x y"]
+    got = m.score([img], ["<image> name it"], [conts], token_budget=6)[0]
+    for c, r in zip(conts, got):
+        assert r["sum_logprob"] == pytest.approx(_naive_logprob(m, img, "<image> name it", c, True), abs=1e-4)

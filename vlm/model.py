@@ -239,12 +239,15 @@ class VLM(nn.Module):
         continuations: Sequence[Sequence[str] | str],
         chat_template: bool = True,
         batch_size: int = 8,
-        continuation_batch_size: int = 64,
+        token_budget: int = 1024,
     ) -> list[list[ScoreResult]]:
         """Log-likelihood of each continuation given its item's image(s) and prompt.
 
-        The image+prompt prefix of an item is run once; its KV cache is shared by every
-        continuation of the item, which are scored in batches of `continuation_batch_size`.
+        The image+prompt prefix of an item is run once. Its continuations are then packed side by side
+        into rows that follow the prefix's KV cache, with a block attention mask (each continuation sees
+        the prefix and its own earlier tokens) and positions restarting at the prefix length, so every
+        continuation is scored exactly as if it had been run alone, without copying the cache per
+        continuation. `token_budget` bounds the continuation tokens per forward pass.
         Returns, per item, one `ScoreResult` per continuation (a str continuation counts as a list of one).
         """
         if not (len(images) == len(prompts) == len(continuations)):
@@ -255,11 +258,11 @@ class VLM(nn.Module):
             stop = start + batch_size
             chunk_images = [_as_image_list(x) for x in images[start:stop]]
             seqs = [self._prompt_ids(p, len(im), chat_template) for p, im in zip(prompts[start:stop], chunk_images)]
-            results.extend(self._score_chunk(seqs, chunk_images, conts[start:stop], continuation_batch_size))
+            results.extend(self._score_chunk(seqs, chunk_images, conts[start:stop], token_budget))
         return results
 
     def _score_chunk(
-        self, prefixes: list[list[int]], images: list[list[Any]], conts: list[list[str]], cont_batch: int
+        self, prefixes: list[list[int]], images: list[list[Any]], conts: list[list[str]], token_budget: int
     ) -> list[list[ScoreResult]]:
         ids, mask = self._left_pad(prefixes)
         flat_images = [im for group in images for im in group]
@@ -267,34 +270,73 @@ class VLM(nn.Module):
         first_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's 1st token
         prefix_cache = list(out.past_key_values)
         prefix_len = mask.sum(-1)
+        results: list[list[ScoreResult]] = []
+        for i, texts in enumerate(conts):
+            toks = [self._continuation_ids(t) for t in texts]
+            for t, tk in zip(texts, toks):
+                if not tk:
+                    raise UserError(f"continuation {t!r} tokenises to nothing; scores need at least one token")
+            sums = [0.0] * len(toks)
+            for group in _pack_rows(toks, token_budget):
+                row_sums = self._score_packed(group, toks, [(k[i:i + 1], v[i:i + 1]) for k, v, *_ in prefix_cache], mask[i], int(prefix_len[i]),
+                                              first_logprobs[i])
+                for j, total in row_sums.items():
+                    sums[j] = total
+            results.append([ScoreResult(s, s / len(tk), len(tk)) for s, tk in zip(sums, toks)])
+        return results
 
-        pairs = [(i, j, self._continuation_ids(text)) for i, texts in enumerate(conts) for j, text in enumerate(texts)]
-        for i, j, toks in pairs:
-            if not toks:
-                raise UserError(f"continuation {conts[i][j]!r} tokenises to nothing; scores need at least one token")
-        scores: list[list[ScoreResult | None]] = [[None] * len(t) for t in conts]
-        for start in range(0, len(pairs), cont_batch):
-            batch = pairs[start:start + cont_batch]
-            rows = torch.tensor([i for i, _, _ in batch], device=ids.device)
-            width = max(len(t) for _, _, t in batch)
-            cont_ids = torch.zeros((len(batch), width), dtype=torch.long, device=ids.device)
-            cont_mask = torch.zeros_like(cont_ids)
-            for b, (_, _, toks) in enumerate(batch):
-                cont_ids[b, : len(toks)] = torch.tensor(toks)
-                cont_mask[b, : len(toks)] = 1
-            cache = DynamicCache(ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v, *_ in prefix_cache])
-            full_mask = torch.cat([mask.index_select(0, rows), cont_mask], dim=1)
-            positions = prefix_len.index_select(0, rows)[:, None] + torch.arange(width, device=ids.device)[None]
-            logits = self.language_model(
-                input_ids=cont_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True
-            ).logits.float()
-            # token t of the continuation is predicted by the prefix's last position (t = 0) or by position t-1
-            step_logprobs = torch.cat([first_logprobs.index_select(0, rows)[:, None], torch.log_softmax(logits[:, :-1], -1)], dim=1)
-            token_lp = step_logprobs.gather(-1, cont_ids[..., None]).squeeze(-1) * cont_mask
-            for b, (i, j, toks) in enumerate(batch):
-                total = float(token_lp[b].sum())
-                scores[i][j] = ScoreResult(total, total / len(toks), len(toks))
-        return scores  # type: ignore[return-value]
+    def _score_packed(self, rows: list[list[int]], toks: list[list[int]], prefix_kv: list[tuple], prefix_mask: torch.Tensor,
+                      prefix_len: int, first_logprobs: torch.Tensor) -> dict[int, float]:
+        """Score the continuations `toks[j]` packed in `rows` (lists of j) against one item's prefix cache."""
+        dev = prefix_mask.device
+        n_rows, width = len(rows), max(sum(len(toks[j]) for j in row) for row in rows)
+        row_ids = torch.zeros((n_rows, width), dtype=torch.long, device=dev)
+        segment = torch.full((n_rows, width), -1, dtype=torch.long, device=dev)
+        offset = torch.zeros((n_rows, width), dtype=torch.long, device=dev)
+        spans: list[tuple[int, int, int, int]] = []  # (j, row, start, length)
+        for r, row in enumerate(rows):
+            pos = 0
+            for j in row:
+                n = len(toks[j])
+                row_ids[r, pos:pos + n] = torch.tensor(toks[j], device=dev)
+                segment[r, pos:pos + n] = j
+                offset[r, pos:pos + n] = torch.arange(n, device=dev)
+                spans.append((j, r, pos, n))
+                pos += n
+        q = torch.arange(width, device=dev)
+        same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0) & (q[None, :, None] >= q[None, None, :])
+        sees_prefix = prefix_mask.bool()[None, None, :].expand(n_rows, width, -1)
+        allowed = torch.cat([sees_prefix, same], dim=-1)[:, None]  # [rows, 1, width, prefix + width]
+        dtype = self.language_model.get_input_embeddings().weight.dtype
+        attn = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1))
+                                             for k, v in prefix_kv])
+        logits = self.language_model(input_ids=row_ids, attention_mask=attn, position_ids=prefix_len + offset,
+                                     past_key_values=cache, use_cache=True).logits.float()
+        # token t of a continuation is predicted by the prefix's last position (t = 0) or by position t-1 of its row
+        prev = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, row_ids[:, 1:, None]).squeeze(-1)
+        token_lp = torch.where(offset[:, 1:] > 0, prev, first_logprobs[row_ids[:, 1:]])
+        token_lp = torch.cat([first_logprobs[row_ids[:, :1]], token_lp], dim=1)
+        return {j: float(token_lp[r, start:start + n].sum()) for j, r, start, n in spans}
+
+
+def _pack_rows(toks: list[list[int]], token_budget: int) -> list[list[list[int]]]:
+    """Greedy first-fit packing of continuation indices into rows of at most `token_budget` tokens (a longer
+    continuation gets a row of its own), then into groups of rows run together (about `token_budget` tokens)."""
+    rows: list[list[int]] = []
+    lengths: list[int] = []
+    for j in sorted(range(len(toks)), key=lambda j: -len(toks[j])):
+        n = len(toks[j])
+        for r, used in enumerate(lengths):
+            if used + n <= token_budget:
+                rows[r].append(j)
+                lengths[r] += n
+                break
+        else:
+            rows.append([j])
+            lengths.append(n)
+    per_group = max(1, token_budget // max(max(lengths), 1)) if rows else 1
+    return [rows[g:g + per_group] for g in range(0, len(rows), per_group)]
 
 
 def _as_list(x: Any) -> list[Any]:
