@@ -114,6 +114,13 @@ def test_deepspeed_strategy_needs_deepspeed(tmp_path, data_file, monkeypatch):
         load_recipe(_recipe(tmp_path, data_file), ["run.trackers=[tensorboard]"])
 
 
+def test_only_datasets_used_by_enabled_stages_must_exist(tmp_path, data_file):
+    p = _recipe(tmp_path, data_file, "datasets:\n  spare: {type: llava, path: /not/here.json}\n")
+    assert "spare" in load_recipe(p).datasets
+    with pytest.raises(UserError, match="datasets.spare.path: file /not/here.json not found"):
+        load_recipe(p, ["stages.align.data=[captions, spare]"])
+
+
 def test_missing_base_and_self_include(tmp_path, data_file):
     p = tmp_path / "r.yaml"
     p.write_text("defaults: [models/nope.yaml]\n")
