@@ -115,7 +115,8 @@ def test_deepspeed_strategy_needs_deepspeed(tmp_path, data_file, monkeypatch):
 
 
 def test_only_datasets_used_by_enabled_stages_must_exist(tmp_path, data_file):
-    p = _recipe(tmp_path, data_file, "datasets:\n  spare: {type: llava, path: /not/here.json}\n")
+    p = _recipe(tmp_path, data_file)
+    p.write_text(p.read_text() + "  spare: {type: llava, path: /not/here.json}\n")  # appended under datasets:
     assert "spare" in load_recipe(p).datasets
     with pytest.raises(UserError, match="datasets.spare.path: file /not/here.json not found"):
         load_recipe(p, ["stages.align.data=[captions, spare]"])
