@@ -205,3 +205,16 @@ def test_gradient_checkpointing_gives_the_same_training(recipe, tmp_path):
     assert a == pytest.approx(b, rel=1e-6)
     ckpt = read_json(tmp_path / "gc" / "stages" / "finetune" / "checkpoints" / "latest.json")
     assert ckpt["step"] == 2  # the end state is checkpointed too
+
+
+def test_tracker_records_are_flattened_per_stage(tmp_path):
+    from types import SimpleNamespace
+
+    from vlm.train import Run
+
+    logged = []
+    fake = SimpleNamespace(main=False, run_dir=tmp_path, cfg={"run": {"trackers": ["tensorboard"]}},
+                           acc=SimpleNamespace(log=lambda values, step: logged.append((values, step))))
+    Run.log(fake, {"stage": "align", "step": 3, "loss": 1.5, "lr": {"connector": 0.1}, "eval": {"t": 0.5},
+                   "gap": None})
+    assert logged == [({"align/loss": 1.5, "align/lr/connector": 0.1, "align/eval/t": 0.5}, 3)]

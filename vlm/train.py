@@ -43,6 +43,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     run_dir = Path(args.out) if args.out else Path(cfg.run.out_root) / cfg.run.name
     train(cfg, run_dir)
+    print(f"run dir: {run_dir}")
     return 0
 
 
@@ -209,8 +210,13 @@ class Run:
     def log(self, record: dict) -> None:
         if self.main:
             append_jsonl(self.run_dir / "metrics.jsonl", {**record, "time": time.time()})
-        if self.cfg["run"]["trackers"]:
-            self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("global_step"))
+        if self.cfg["run"]["trackers"]:  # one curve per stage and metric: "align/loss", "align/lr/connector", ...
+            flat = {}
+            for k, v in record.items():
+                for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)]):
+                    if isinstance(vv, (int, float)) and not isinstance(vv, bool) and k != "step":
+                        flat[f"{record.get('stage')}/{k}" + (f"/{kk}" if kk else "")] = vv
+            self.acc.log(flat, step=record.get("step"))
 
 
 def prepare(cfg: dict) -> tuple[Any, dict]:
@@ -449,7 +455,7 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
         if eval_every and quick and step % eval_every == 0 and step < total:
             if run.main:
                 res = _evaluate(vlm, quick, stage_dir / "eval" / f"step_{step:08d}")
-                run.log({"stage": name, "step": step, "global_step": step,
+                run.log({"stage": name, "step": step,
                          "eval": {t: r.get("score") for t, r in res.get("tasks", {}).items()},
                          **{k: res.get(k) for k in ("fine_grained", "general", "gap")}})
             acc.wait_for_everyone()
