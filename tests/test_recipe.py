@@ -132,7 +132,7 @@ def test_missing_base_and_self_include(tmp_path, data_file):
         load_recipe(p)
 
 
-def test_partial_without_blocks_is_caught_on_the_model(tmp_path, data_file):
+def test_partial_without_blocks_is_caught_on_the_model(tmp_path, data_file, capsys):
     """The connector (an MLP) has no stacked blocks: `partial` on it fails before any run dir exists."""
     p = _recipe(tmp_path, data_file)
     out = tmp_path / "run"
@@ -140,6 +140,8 @@ def test_partial_without_blocks_is_caught_on_the_model(tmp_path, data_file):
     assert rc == 2 and not out.exists()
     rc = main(["validate", str(p), "stages.finetune.freeze.llm.mode=partial", "stages.finetune.freeze.llm.k=9"])
     assert rc == 2
+    rc = main(["train", str(p), "stages.align.batch_size=5", "--out", str(out)])  # 4 samples < one batch
+    assert rc == 2 and not out.exists() and "fewer than one global batch" in capsys.readouterr().err
 
 
 def test_cli_user_error_exit_2_no_traceback_no_run_dir(tmp_path, data_file):

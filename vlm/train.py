@@ -221,7 +221,7 @@ class Run:
 
 def prepare(cfg: dict) -> tuple[Any, dict]:
     """Build the model, check every stage's policy on it, read every data source. No files written."""
-    from vlm.data import load_source
+    from vlm.data import build_mixture, load_source
     from vlm.freeze import check_policy_model
     from vlm.recipe import enabled_stages
 
@@ -230,7 +230,19 @@ def prepare(cfg: dict) -> tuple[Any, dict]:
         check_policy_model(vlm, cfg["stages"][name]["freeze"], f"stages.{name}.freeze")
     used = {item["dataset"] for n in enabled_stages(cfg) for item in cfg["stages"][n]["data"]}
     sources = {d: load_source(d, cfg["datasets"][d], cfg["data"]["on_error"]) for d in sorted(used)}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in enabled_stages(cfg):
+        st = cfg["stages"][name]
+        _check_batch(name, len(build_mixture(st["data"], sources, cfg["run"]["seed"])), st, world)
     return vlm, sources
+
+
+def _check_batch(name: str, n: int, st: dict, world: int) -> None:
+    gbs = st["batch_size"] * world * st["grad_accum"]
+    if n < gbs:
+        raise UserError(f"stage {name}: the data mixture has {n} samples, fewer than one global batch "
+                        f"({st['batch_size']} x {world} processes x {st['grad_accum']} accumulation = {gbs}); "
+                        "lower batch_size or add data.")
 
 
 def train(cfg: DictConfig | dict, run_dir: Path) -> Path:
@@ -347,10 +359,8 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
     world, rank = acc.num_processes, acc.process_index
     per_dev, accum = st["batch_size"], st["grad_accum"]
     gbs = per_dev * world * accum
+    _check_batch(name, len(ds), st, world)
     spe = steps_per_epoch(len(ds), gbs)
-    if spe == 0:
-        raise UserError(f"stage {name}: the data mixture has {len(ds)} samples, fewer than one global batch "
-                        f"({per_dev} x {world} processes x {accum} accumulation = {gbs}); lower batch_size or add data.")
     total = total_steps(len(ds), gbs, st["epochs"], st["max_steps"])
     warmup = int(round(o["warmup_ratio"] * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o["scheduler"], warmup, total))
