@@ -103,17 +103,22 @@ def merge_lora(module: nn.Module, merge: bool = True) -> None:
         del module.peft_config
 
 
+def _partial_blocks(mod: nn.Module, k: int, where: str) -> list[nn.Module]:
+    blocks = find_blocks(mod)
+    if blocks is None:
+        raise UserError(f"{where}: partial freezing needs a module with stacked blocks, and this "
+                        f"{type(mod).__name__} has none; use full or frozen.")
+    if k > len(blocks):
+        raise UserError(f"{where}: partial k={k} but the module has only {len(blocks)} blocks.")
+    return list(blocks)[-k:]
+
+
 def check_policy_model(vlm: Any, freeze: Mapping[str, Any], where: str) -> None:
     """Checks that need the built model (without changing it): blocks for `partial`, LoRA targets present."""
     for name in MODULES:
         p, mod = freeze[name], module_of(vlm, name)
         if p["mode"] == "partial":
-            blocks = find_blocks(mod)
-            if blocks is None:
-                raise UserError(f"{where}.{name}: partial freezing needs a module with stacked blocks, and this "
-                                f"{type(mod).__name__} has none; use full or frozen.")
-            if p["k"] > len(blocks):
-                raise UserError(f"{where}.{name}: partial k={p['k']} but the module has only {len(blocks)} blocks.")
+            _partial_blocks(mod, p["k"], f"{where}.{name}")
         if p["mode"] == "lora" and p["target_modules"]:
             present = {n.rsplit(".", 1)[-1] for n, _ in mod.named_modules()}
             missing = [t for t in p["target_modules"] if t not in present]
@@ -136,13 +141,8 @@ def apply_policy(vlm: Any, freeze: Mapping[str, Any], optim: Mapping[str, Any], 
         if mode == "full":
             trainable: Iterator = mod.named_parameters()
         elif mode == "partial":
-            blocks = find_blocks(mod)
-            if blocks is None:
-                raise UserError(f"{where}.{name}: partial freezing needs a module with stacked blocks, and this "
-                                f"{type(mod).__name__} has none; use full or frozen.")
-            if p["k"] > len(blocks):
-                raise UserError(f"{where}.{name}: partial k={p['k']} but the module has only {len(blocks)} blocks.")
-            trainable = (kv for b in list(blocks)[-p["k"]:] for kv in b.named_parameters())
+            blocks = _partial_blocks(mod, p["k"], f"{where}.{name}")
+            trainable = (kv for b in blocks for kv in b.named_parameters())
         elif mode == "lora":
             if not has_lora(mod):
                 _inject_lora(mod, p, f"{where}.{name}")
