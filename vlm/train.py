@@ -341,12 +341,13 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
     seed = int(cfg["run"]["seed"])
     _set_seed(seed + 1 + list(cfg["stages"]).index(name))
     groups = apply_policy(vlm, st["freeze"], st["optim"], f"stages.{name}.freeze")
-    if st["gradient_checkpointing"]:
-        lm, kw = vlm.language_model, {"use_reentrant": False}
-        if hasattr(lm, "activation_checkpointing_enable"):
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    checkpointed = _checkpointable(vlm, st) if st["gradient_checkpointing"] else []
+    for m in checkpointed:
+        kw = {"use_reentrant": False}
+        if hasattr(m, "activation_checkpointing_enable"):
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     o = st["optim"]
     if o["name"] == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
@@ -484,9 +485,8 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
                         {"epoch": step // spe, "batch_in_epoch": step % spe, "skipped_samples": skipped,
                          "scaler": scaler.state_dict() if scaler is not None else None}, keep=1)
     weights = _trainable_weights(acc, model, vlm)
-    if st["gradient_checkpointing"]:
-        lm = vlm.language_model
-        (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
+    for m in checkpointed:
+        (getattr(m, "activation_checkpointing_disable", None) or m.gradient_checkpointing_disable)()
     if run.main:
         import tempfile
 
@@ -505,6 +505,15 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
         if has_lora(module_of(vlm, m)):
             merge_lora(module_of(vlm, m), merge=False)
     del optimizer, model
+
+
+def _checkpointable(vlm: Any, st: dict) -> list[Any]:
+    """The HF models whose activations are recomputed: the LLM, and a trained HF vision backbone."""
+    out = [vlm.language_model]
+    backbone = getattr(vlm.encoder, "model", None)
+    if st["freeze"]["vision"]["mode"] != "frozen" and getattr(backbone, "supports_gradient_checkpointing", False):
+        out.append(backbone)
+    return out
 
 
 def _sharded(acc: Any) -> bool:
