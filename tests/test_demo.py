@@ -114,12 +114,14 @@ def _fake_grid(root: Path, correct: dict[str, list[int]]) -> None:
     for pid, row in correct.items():
         enc, llm = (part.split("=")[1] for part in pid.split(","))
         points.append({"id": pid, "labels": {"encoder": enc, "stage1_llm": llm}, "overrides": {}})
-        d = root / pid / "eval" / "synth_fg"
-        d.mkdir(parents=True)
-        with open(d / "predictions.jsonl", "w") as f:
-            for i, c in enumerate(row):
-                f.write(json.dumps({"id": f"t{i}", "mc_answer": "A", "mc_pred": "A" if c else "B",
-                                    "likelihood_sum_top1_correct": bool(c), "open_correct": False}) + "\n")
+        for task in ("synth_fg_mc", "synth_fg_open"):
+            d = root / pid / "eval" / task
+            d.mkdir(parents=True)
+            with open(d / "predictions.jsonl", "w") as f:
+                for i, c in enumerate(row):
+                    rec = {"mc_answer": "A", "mc_pred": "A" if c else "B"} if task == "synth_fg_mc" else \
+                        {"open_correct": False}
+                    f.write(json.dumps({"id": f"t{i}", **rec}) + "\n")
     (root / "_grid").mkdir()
     (root / "_grid" / "plan.json").write_text(json.dumps({"points": points}))
 
@@ -144,7 +146,7 @@ def test_paired_effects_hand_worked(tmp_path):
     text = demo.summary_markdown(tmp_path)
     assert "| encoder=b,stage1_llm=full | 1.000 ± 0.000 |" in text
     assert "| encoder | b vs a | mc_acc | +0.500 * |" in text  # 0.5 > 2 × 0.189
-    assert "open_acc" in text and "vqa_acc" not in text  # only metrics that have predictions
+    assert "open_acc" in text and "rank_top1" not in text and "vqa_acc" not in text  # only metrics that have predictions
 
 
 def test_summary_without_plan(tmp_path):
