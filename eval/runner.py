@@ -21,7 +21,6 @@ from eval.base import TASKS, Task
 from vlm.errors import UserError
 from vlm.io import atomic_write_json, read_json
 
-TASK_MODULES = ("eval.classification", "eval.probe", "eval.vqa", "eval.spec", "eval.pairwise")
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "eval"
 
 
@@ -51,9 +50,19 @@ def resolve_task(spec: str | dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def _import_task_modules() -> None:
+    """Every module of the `eval` package registers its tasks on import (a new task is one new file)."""
+    import pkgutil
+
+    import eval as package
+
+    for mod in pkgutil.iter_modules(package.__path__):
+        if not mod.name.startswith(("lm_eval", "runner", "__")):
+            importlib.import_module(f"eval.{mod.name}")
+
+
 def build_task(cfg: dict[str, Any]) -> Task:
-    for mod in TASK_MODULES:
-        importlib.import_module(mod)
+    _import_task_modules()
     return TASKS.build(cfg)
 
 
