@@ -89,26 +89,45 @@ def build(model_cfg: dict, seed: int = 0) -> Any:
 
 
 # --------------------------------------------------------------------------- synthetic batches
-def make_batch(vlm: Any, batch: int, prompt_tokens: int, answer_tokens: int, seed: int = 0) -> dict:
-    """Equal-length samples `[text-start, <image> x N', prompt, answer]` with labels on the answer only."""
+def random_images(n: int, size: int, seed: int) -> tuple[list[Any], list[str]]:
+    """Random RGB PIL images and their content keys (sha256 of the PNG bytes, like the data pipeline's)."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    images, keys = [], []
+    for _ in range(n):
+        im = Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy())
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        images.append(im)
+        keys.append(hashlib.sha256(buf.getvalue()).hexdigest())
+    return images, keys
+
+
+def make_batch(vlm: Any, batch: int, prompt_tokens: int, answer_tokens: int, seed: int = 0, image_px: int = 256) -> dict:
+    """A training micro-batch as `vlm.data.collate` makes it (what `vlm.train.train_step` consumes): equal-length
+    samples `[text-start, <image> x N', prompt, answer]`, labels on the answer only, one random PIL image each."""
+    from vlm.data import collate
+
     g = torch.Generator().manual_seed(seed)
     n_img = vlm.num_image_tokens
     text_vocab = min(len(vlm.tokenizer) - 1, vlm.language_model.get_input_embeddings().num_embeddings)
-    rows, labels = [], []
-    for _ in range(batch):
+    images, keys = random_images(batch, image_px, seed)
+    items = []
+    for i in range(batch):
         prompt = torch.randint(0, text_vocab, (1 + prompt_tokens,), generator=g)
         answer = torch.randint(0, text_vocab, (answer_tokens,), generator=g)
         prompt[prompt == vlm.image_token_id] = 0
         answer[answer == vlm.image_token_id] = 0
         ids = torch.cat([prompt[:1], torch.full((n_img,), vlm.image_token_id), prompt[1:], answer])
-        lab = torch.cat([torch.full((1 + n_img + prompt_tokens,), -100), answer])
-        rows.append(ids)
-        labels.append(lab)
-    size = vlm.encoder.image_size
-    pixels = torch.randn(batch, 3, size[0], size[1], generator=g)
-    input_ids = torch.stack(rows)
-    return {"input_ids": input_ids, "labels": torch.stack(labels), "attention_mask": torch.ones_like(input_ids),
-            "pixels": pixels}
+        labels = torch.cat([torch.full((1 + n_img + prompt_tokens,), -100), answer])
+        items.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "images": [images[i]],
+                      "image_keys": [keys[i]]})
+    pad_id = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else 0
+    return collate(items, pad_id=pad_id)
 
 
 # --------------------------------------------------------------------------- timing + memory

@@ -8,7 +8,8 @@ FLOPs per step (see `_common.train_step_flops`): trained matmul weights 6 FLOPs/
 2 FLOPs/token, attention 4*T^2*d per layer forward (x3 with backward), over the real (unpadded) tokens.
 The denominator is this machine's measured dense matmul rate in the step's dtype (fp32 on CPU, bf16 on GPU);
 on a GPU the spec-sheet dense bf16 peak is shown too (MFU is usually quoted against it).
-The step is `train_step.OurStep` — the body of `vlm.train.train_stage`'s loop.
+The step is `vlm.train.train_step` — the function `train_stage` calls per optimizer step — set up as
+`train_stage` sets it up (`train_step.OurStep`), on one micro-batch in `vlm.data.collate`'s format.
 Last line: `RATIO mfu=<achieved / measured matmul peak>`.
 """
 from __future__ import annotations
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         vlm.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = C.make_batch(vlm, args.batch, args.prompt_tokens, args.answer_tokens, seed=1)
     step = OurStep(vlm, C.STAGE2_FREEZE, args.precision)
-    pixels = batch["pixels"].to(args.device)
-    res = C.alternate({"stage-2 step": lambda: step(batch, lambda: {"pixels": pixels})}, reps=args.reps,
+    res = C.alternate({"stage-2 step": lambda: step([batch])}, reps=args.reps,
                       warmup=args.warmup, device=args.device)["stage-2 step"]
     seq = batch["input_ids"].shape[1]
     flops = C.train_step_flops(vlm, args.batch, seq, C.STAGE2_FREEZE)

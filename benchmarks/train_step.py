@@ -5,21 +5,19 @@ and our stage-1 step with the frozen-encoder feature cache vs without it.
     .venv/bin/python benchmarks/train_step.py --quick    # fewer layers and repetitions
     .venv/bin/python benchmarks/train_step.py --device cuda --precision bf16
 
-"Our step" is the body of `vlm.train.train_stage`'s loop, reproduced call for call (train.py exposes no step
-function): `apply_policy` param groups → AdamW, `module.train()` per policy, `vlm.train._image_inputs`
-(pixels or the feature cache), `model(...)`, `logits[:, :-1].float()` + summed cross-entropy / target tokens,
-backward, `clip_grad_norm_`, `optimizer.step()`, `zero_grad(set_to_none=True)`, `scheduler.step()`.
-Accelerate's `prepare`/`backward`/`clip_grad_norm_` are identity wrappers on one device and are left out.
-The HF side holds the very same weights (`vlm.hf_llava.to_hf_llava`), gets the same token ids, labels and pixel
-tensor, and runs `loss = model(..., labels=...).loss; loss.backward(); clip; step; zero_grad`.
+"Our step" is `vlm.train.train_step`, the function `train_stage` calls once per optimizer step, set up as
+`train_stage` sets it up: `apply_policy` param groups -> `build_optimizer` (AdamW) -> the LR schedule ->
+`Accelerator.prepare` (a GradScaler under fp16), fed one micro-batch in `vlm.data.collate`'s format (token ids,
+labels, PIL images, image keys). It therefore includes `_image_inputs` (image preprocessing, or the feature cache).
+The HF side holds the very same weights (`vlm.hf_llava.to_hf_llava`), gets the same token ids and labels, turns
+the same PIL images into pixels with the same preprocessing inside its step, and runs
+`loss = model(..., labels=...).loss; loss.backward(); clip; step; zero_grad; scheduler.step()`.
 Last line: `RATIO train_step_hf_over_ours=<x> stage1_cache_speedup=<y>` (x >= 1 means ours is no slower).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import io
 import math
 import sys
 import tempfile
@@ -34,8 +32,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import _common as C  # noqa: E402
+from vlm.train import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODERS = {  # stage-1 encoder choices: the default keeps the CPU run short; larger ones show where caching pays
     "dinov2s": C.clip_vision(384, 12, 6, 224, 14),
     "vitb16": C.clip_vision(768, 12, 12, 224, 16),
@@ -44,55 +42,45 @@ ENCODERS = {  # stage-1 encoder choices: the default keeps the CPU run short; la
 
 
 class OurStep:
-    """One optimizer step of `vlm.train.train_stage` (grad_accum 1, one process)."""
+    """`vlm.train.train_step` on one process, built as `vlm.train.train_stage` builds it."""
 
     def __init__(self, vlm: Any, modes: dict[str, str], precision: str, lr: float = 2e-5, total_steps: int = 1000):
-        from vlm.freeze import apply_policy
-        from vlm.train import _lr_lambda
+        from accelerate import Accelerator
 
-        self.vlm, self.modes = vlm, modes
-        self.freeze = C.freeze_policy(modes)
-        o = C.optim_cfg(lr)
-        groups = apply_policy(vlm, self.freeze, o, "benchmark")
-        self.optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(o["scheduler"], 30, total_steps))
-        self.trainable = [p for p in vlm.parameters() if p.requires_grad]
-        self.max_norm = o["max_grad_norm"]
-        dtype = DTYPES[precision]
-        self.autocast = (lambda: torch.autocast(vlm.device.type, dtype=dtype)) if dtype is not None else nullcontext
+        from vlm.freeze import apply_policy
+        from vlm.train import _lr_lambda, build_optimizer
+
+        self.vlm, self.freeze, self.optim = vlm, C.freeze_policy(modes), C.optim_cfg(lr)
+        self.acc = Accelerator(cpu=vlm.device.type == "cpu")
+        optimizer = build_optimizer(apply_policy(vlm, self.freeze, self.optim, "benchmark"), self.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(self.optim["scheduler"], 30,
+                                                                                  total_steps))
+        self.model, self.optimizer = self.acc.prepare(vlm, optimizer)
+        self.dtype = DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(self.acc.device.type) if precision == "fp16" else None
         self.last_loss = float("nan")
 
-    def __call__(self, batch: dict, image_inputs: Callable[[], dict]) -> float:
-        from vlm.freeze import MODULES, module_of
+    def __call__(self, micro_batches: list[dict], cache: Any = None) -> float:
+        from vlm.train import train_step
 
-        vlm, device = self.vlm, self.vlm.device
-        n_tok = max(float((batch["labels"][:, 1:] != -100).sum()), 1.0)
-        vlm.train()
-        for m in MODULES:
-            module_of(vlm, m).train(self.modes[m] != "frozen")
-        with self.autocast():
-            kw = image_inputs()
-            out = vlm(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **kw)
-            logits = out.logits[:, :-1].float()
-            tgt = batch["labels"][:, 1:].to(device)
-            tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-                                       reduction="sum")
-            (tok_loss / n_tok).backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.last_loss = float(tok_loss.detach()) / n_tok
-        return self.last_loss
+        stats = train_step(self.model, micro_batches, self.optimizer, self.scheduler, self.acc, vlm=self.vlm,
+                           freeze=self.freeze, max_grad_norm=self.optim["max_grad_norm"], dtype=self.dtype,
+                           scaler=self.scaler, cache=cache)
+        self.last_loss = stats.loss
+        return stats.loss
+
+    def close(self) -> None:
+        self.acc.free_memory()
 
 
 class HFStep:
     """The plain PyTorch loop a user would write around `LlavaForConditionalGeneration` (stage 2: vision frozen)."""
 
-    def __init__(self, hf: Any, precision: str, lr: float = 2e-5, total_steps: int = 1000) -> None:
+    def __init__(self, hf: Any, preprocess: Callable[[list[Any]], torch.Tensor], precision: str, lr: float = 2e-5,
+                 total_steps: int = 1000) -> None:
         from vlm.train import _lr_lambda
 
-        self.hf = hf
+        self.hf, self.preprocess = hf, preprocess
         for p in hf.model.vision_tower.parameters():
             p.requires_grad_(False)
         self.trainable = [p for p in hf.parameters() if p.requires_grad]
@@ -108,9 +96,10 @@ class HFStep:
         hf, device = self.hf, self.hf.device
         hf.train()
         hf.model.vision_tower.eval()
+        pixels = self.preprocess(batch["images"])
         with self.autocast():
             out = hf(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                     pixel_values=batch["pixels"].to(device), labels=batch["labels"].to(device))
+                     pixel_values=pixels.to(device), labels=batch["labels"].to(device))
             out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
@@ -130,22 +119,22 @@ def stage2(args: argparse.Namespace, model_cfg: dict) -> tuple[list[list[Any]], 
     vlm = C.build(model_cfg).to(args.device)
     hf = to_hf_llava(vlm).to(args.device)
     batch = C.make_batch(vlm, args.batch, args.prompt_tokens, args.answer_tokens, seed=1)
+    pixels = vlm.preprocess(batch["images"])
     # losses of both sides on the identical first batch, before any update: proves same model + data
     with torch.no_grad():
         vlm.eval()
-        ours_out = vlm(input_ids=batch["input_ids"].to(args.device), pixels=batch["pixels"].to(args.device),
+        ours_out = vlm(input_ids=batch["input_ids"].to(args.device), pixels=pixels,
                        attention_mask=batch["attention_mask"].to(args.device))
         lg, tg = ours_out.logits[:, :-1].float(), batch["labels"][:, 1:].to(args.device)
         ours_loss0 = float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=-100))
         hf.eval()
-        hf_loss0 = float(hf(input_ids=batch["input_ids"].to(args.device), pixel_values=batch["pixels"].to(args.device),
+        hf_loss0 = float(hf(input_ids=batch["input_ids"].to(args.device), pixel_values=pixels,
                             attention_mask=batch["attention_mask"].to(args.device),
                             labels=batch["labels"].to(args.device)).loss)
         del ours_out, lg
     ours = OurStep(vlm, C.STAGE2_FREEZE, args.precision)
-    theirs = HFStep(hf, args.precision)
-    pixels = batch["pixels"].to(args.device)
-    res = C.alternate({"ours (vlm.train step)": lambda: ours(batch, lambda: {"pixels": pixels}),
+    theirs = HFStep(hf, vlm.preprocess, args.precision)
+    res = C.alternate({"ours (vlm.train.train_step)": lambda: ours([batch]),
                        "HF LlavaForConditionalGeneration": lambda: theirs(batch)},
                       reps=args.reps, warmup=args.warmup, device=args.device)
     n_tok = tokens_per_step(batch)
@@ -154,44 +143,26 @@ def stage2(args: argparse.Namespace, model_cfg: dict) -> tuple[list[list[Any]], 
     for name, r in res.items():
         rows.append([name, r["median"], r["min"], r["max"], r["cpu_median"], n_tok / r["median"],
                      args.batch / r["median"], flops / r["median"] / 1e9, r["peak_mib"], r["delta_mib"]])
-    hf_r, our_r = res["HF LlavaForConditionalGeneration"], res["ours (vlm.train step)"]
+    hf_r, our_r = res["HF LlavaForConditionalGeneration"], res["ours (vlm.train.train_step)"]
     ratio = (hf_r["median"] / our_r["median"], hf_r["cpu_median"] / our_r["cpu_median"])
     info = {"loss0_ours": ours_loss0, "loss0_hf": hf_loss0, "tokens": n_tok, "seq_len": batch["input_ids"].shape[1],
             "final_loss_ours": ours.last_loss, "final_loss_hf": theirs.last_loss,
             "attn": (vlm.language_model.config._attn_implementation, hf.config.text_config._attn_implementation)}
+    ours.close()
     del ours, theirs, vlm, hf
     return rows, ratio, info
 
 
-def random_images(n: int, size: int, seed: int) -> tuple[list[Any], list[str]]:
-    """Random RGB PIL images and their content keys (sha256 of the PNG bytes, like the data pipeline's)."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    images, keys = [], []
-    for _ in range(n):
-        arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
-        im = Image.fromarray(arr)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        images.append(im)
-        keys.append(hashlib.sha256(buf.getvalue()).hexdigest())
-    return images, keys
-
-
 def stage1(args: argparse.Namespace, model_cfg: dict) -> tuple[list[list[Any]], float, dict]:
     from vlm.feature_cache import FeatureCache
-    from vlm.train import _image_inputs
 
     vlm = C.build(model_cfg).to(args.device)
     batch = C.make_batch(vlm, args.batch, 4, args.caption_tokens, seed=2)
-    batch["images"], batch["image_keys"] = random_images(args.batch, 256, seed=3)
     step = OurStep(vlm, C.STAGE1_FREEZE, args.precision, lr=1e-3)
     with tempfile.TemporaryDirectory(prefix="vlm-bench-cache-") as root:
         cache = FeatureCache(root, vlm.encoder.fingerprint())
-        device = torch.device(args.device)
-        res = C.alternate({"stage 1, no cache": lambda: step(batch, lambda: _image_inputs(vlm, batch, None, device)),
-                           "stage 1, feature cache": lambda: step(batch, lambda: _image_inputs(vlm, batch, cache, device))},
+        res = C.alternate({"stage 1, no cache": lambda: step([batch]),
+                           "stage 1, feature cache": lambda: step([batch], cache)},
                           reps=args.reps, warmup=args.warmup, device=args.device)
         hits, misses = cache.hits, cache.misses
         # the part the cache removes: preprocessing + the frozen encoder's forward
@@ -203,6 +174,7 @@ def stage1(args: argparse.Namespace, model_cfg: dict) -> tuple[list[list[Any]], 
     unc, cached = res["stage 1, no cache"], res["stage 1, feature cache"]
     ratio = (unc["median"] / cached["median"], unc["cpu_median"] / cached["cpu_median"])
     unc = unc["median"]
+    step.close()
     info = {"hits": hits, "misses": misses, "encode_s": enc, "amdahl_bound": unc / max(unc - enc, 1e-9),
             "tokens": n_tok}
     return rows, ratio, info

@@ -1,5 +1,6 @@
 """Training: the smoke recipe end to end, metrics/manifest, artifacts shared and reused, load_run, eval hook,
-feature cache equivalence, NaN stop. (Kill/resume and 2-process equivalence: tests/test_train_dist.py.)"""
+feature cache equivalence, NaN stop, a stage = repeated `train_step`.
+(Kill/resume and 2-process equivalence: tests/test_train_dist.py.)"""
 from __future__ import annotations
 
 import json
@@ -218,3 +219,57 @@ def test_tracker_records_are_flattened_per_stage(tmp_path):
     Run.log(fake, {"stage": "align", "step": 3, "loss": 1.5, "lr": {"connector": 0.1}, "eval": {"t": 0.5},
                    "gap": None})
     assert logged == [({"align/loss": 1.5, "align/lr/connector": 0.1, "align/eval/t": 0.5}, 3)]
+
+
+def test_train_stage_is_repeated_train_step(recipe, tmp_path):
+    """A stage's losses and weights are exactly those of `train_step` called on its batches (batch 2 x accum 2),
+    so a benchmark that times `train_step` times the training code; the step's loss is the token mean."""
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from omegaconf import OmegaConf
+
+    from vlm.data import TrainSet, build_mixture, collate, epoch_batches, load_source
+    from vlm.freeze import apply_policy
+    from vlm.train import _lr_lambda, _set_seed, build_model, build_optimizer, train_step
+
+    cfg = load_recipe(recipe, ["stages.align.enabled=false"])
+    train(cfg, tmp_path / "run")
+    logged = [(m["loss"], m["grad_norm"], m["lr"], m["target_tokens"])
+              for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    art = Path(read_json(tmp_path / "run" / "stages" / "finetune" / "artifact.json")["path"])
+
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    st, seed = cfg["stages"]["finetune"], cfg["run"]["seed"]
+    vlm = build_model(cfg)
+    _set_seed(seed + 1 + list(cfg["stages"]).index("finetune"))
+    o = st["optim"]
+    optimizer = build_optimizer(apply_policy(vlm, st["freeze"], o), o)
+    warmup = round(o["warmup_ratio"] * 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o["scheduler"], warmup, 2))
+    acc = Accelerator(cpu=True)
+    model, optimizer = acc.prepare(vlm, optimizer)
+    sources = {"instructions": load_source("instructions", cfg["datasets"]["instructions"], "raise")}
+    ds = TrainSet(build_mixture(st["data"], sources, seed), vlm.tokenizer, vlm.image_token_id, vlm.num_image_tokens,
+                  st["max_length"], "raise", st["chat_template"])
+    pad_id = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else 0
+    plan = epoch_batches([ds.length(i) for i in range(len(ds))], 4, seed, 0, cfg["data"]["group_by_length"])
+    steps = []
+    for global_batch in plan[:2]:
+        micro = [collate([ds[i] for i in global_batch[a:a + 2]], pad_id=pad_id) for a in (0, 2)]
+        with torch.no_grad():  # the token mean over both micro-batches, from the model before the step
+            vlm.eval()
+            outs = [vlm(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        pixels=vlm.preprocess(b["images"])).logits[:, :-1] for b in micro]
+            ref = F.cross_entropy(torch.cat([lg.reshape(-1, lg.shape[-1]) for lg in outs]),
+                                  torch.cat([b["labels"][:, 1:].reshape(-1) for b in micro]), ignore_index=-100)
+        stats = train_step(model, micro, optimizer, scheduler, acc, vlm=vlm, freeze=st["freeze"],
+                           max_grad_norm=o["max_grad_norm"])
+        assert stats.loss == pytest.approx(float(ref), rel=1e-5)
+        assert stats.samples == 4 and stats.target_tokens == sum(b["num_target_tokens"] for b in micro)
+        steps.append((stats.loss, stats.grad_norm, stats.lrs, stats.target_tokens))
+    assert steps == logged
+    weights = _weights(art)
+    trained = {n: p for n, p in vlm.named_parameters() if p.requires_grad}
+    assert weights.keys() == trained.keys()
+    for n, p in trained.items():
+        assert torch.equal(weights[n], p.detach()), n

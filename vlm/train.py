@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,92 @@ def _evaluate(vlm: Any, tasks: list, out_dir: Path) -> dict:
     return res
 
 
+# --------------------------------------------------------------------------- one optimizer step
+def build_optimizer(groups: list[dict], optim: dict) -> torch.optim.Optimizer:
+    """The stage's optimizer over `vlm.freeze.apply_policy`'s parameter groups (`optim`: a recipe's `Optim`)."""
+    if optim["name"] == "adamw":
+        return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"])
+    return torch.optim.SGD(groups, lr=optim["lr"], momentum=optim["betas"][0])
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports; counts are summed over all processes."""
+
+    loss: float  # token-mean cross-entropy over the global batch
+    grad_norm: float  # before clipping (nan where the backend does not return it)
+    lrs: dict[str, float]  # per parameter group, the rates this step used
+    target_tokens: float  # labelled tokens (at least 1)
+    samples: float
+    input_tokens: float  # attended (unpadded) tokens
+
+
+class NonFiniteLoss(UserError):
+    def __init__(self, loss: float) -> None:
+        super().__init__(f"loss is {loss}; training stopped before the optimizer step. Lower the learning rate, "
+                         "raise warmup, or use bf16/fp32 instead of fp16.")
+        self.loss = loss
+
+
+def train_step(model: Any, micro_batches: list[dict], optimizer: Any, scheduler: Any, acc: Any, *, vlm: Any,
+               freeze: dict, max_grad_norm: float | None, dtype: torch.dtype | None = None, scaler: Any = None,
+               cache: Any = None) -> StepStats:
+    """One optimizer step of `train_stage` over this process's micro-batches (`vlm.data.collate` output).
+
+    `model`, `optimizer`: as returned by `acc.prepare`; `vlm`: the unwrapped model; `freeze`: the stage's policy
+    (frozen modules run in eval mode). Each micro-batch's summed token cross-entropy is divided by the global
+    batch's target-token count (times the process count, which DDP's gradient mean divides out), so gradient
+    accumulation and data parallelism give the token mean of one large batch. Gradients are synchronised on the
+    last micro-batch only; then unscale (fp16), clip, step, zero_grad and scheduler step.
+    Raises `NonFiniteLoss` (before stepping) when the loss is not finite.
+    """
+    from vlm.freeze import MODULES, module_of
+
+    world, accum = acc.num_processes, len(micro_batches)
+    counts = torch.tensor([float(sum(b["num_target_tokens"] for b in micro_batches)),
+                           float(sum(b["num_samples"] for b in micro_batches)),
+                           float(sum(int(b["attention_mask"].sum()) for b in micro_batches))], device=acc.device)
+    n_tok, n_samples, n_inputs = acc.reduce(counts, "sum").tolist()
+    n_tok = max(n_tok, 1.0)
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    loss_sum = torch.zeros((), device=acc.device)
+    model.train()
+    for m in MODULES:  # frozen modules stay in eval mode (no dropout on fixed features)
+        module_of(vlm, m).train(freeze[m]["mode"] != "frozen")
+    for a, b in enumerate(micro_batches):
+        sync = acc.no_sync(model) if a < accum - 1 and world > 1 else nullcontext()
+        with sync:
+            with torch.autocast(acc.device.type, dtype=dtype) if dtype is not None else nullcontext():
+                kw = _image_inputs(vlm, b, cache, acc.device)
+                out = model(input_ids=b["input_ids"].to(acc.device), attention_mask=b["attention_mask"].to(acc.device),
+                            **kw)
+            logits = out.logits[:, :-1].float()
+            tgt = b["labels"][:, 1:].to(acc.device)
+            tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                                       reduction="sum")
+            loss = tok_loss * world / n_tok
+            acc.backward(scaler.scale(loss) if scaler is not None else loss)
+        loss_sum += tok_loss.detach()
+    if scaler is not None:
+        scaler.unscale_(inner)
+    trainable = [p for p in vlm.parameters() if p.requires_grad]
+    norm = acc.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm is not None else float("inf"))
+    grad_norm = float(norm) if norm is not None else float("nan")  # under DeepSpeed: the engine's (it clips itself)
+    global_loss = float(acc.reduce(loss_sum, "sum")) / n_tok
+    if not math.isfinite(global_loss):
+        raise NonFiniteLoss(global_loss)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    if scaler is not None:
+        scaler.step(inner)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepStats(loss=global_loss, grad_norm=grad_norm, lrs=lrs, target_tokens=n_tok, samples=n_samples,
+                     input_tokens=n_inputs)
+
+
 # --------------------------------------------------------------------------- one stage
 def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Path) -> None:
     from tqdm import tqdm
@@ -349,10 +436,7 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
         else:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     o = st["optim"]
-    if o["name"] == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
-    else:
-        optimizer = torch.optim.SGD(groups, lr=o["lr"], momentum=o["betas"][0])
+    optimizer = build_optimizer(groups, o)
 
     records = build_mixture(st["data"], sources, seed)
     ds = TrainSet(records, vlm.tokenizer, vlm.image_token_id, vlm.num_image_tokens, st["max_length"],
@@ -375,7 +459,6 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
     cache = None
     if vision_frozen and st["feature_cache"]:
         cache = FeatureCache(cfg["run"]["feature_cache_dir"] or default_root(), vlm.encoder.fingerprint())
-    trainable = [p for p in vlm.parameters() if p.requires_grad]
     lengths = [ds.length(i) for i in range(len(ds))]
     pad_id = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else 0
     stage_dir = run.run_dir / "stages" / name
@@ -393,7 +476,6 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
     bar = tqdm(total=total, initial=step, desc=name, disable=not (run.main and cfg["run"]["progress"]),
                dynamic_ncols=True, file=sys.stderr)
     plan_epoch, batches = -1, iter(())
-    autocast = (lambda: torch.autocast(acc.device.type, dtype=dtype)) if dtype is not None else nullcontext
     eval_every, quick = cfg["eval"]["every_steps"], cfg["eval"]["quick_tasks"]
 
     while step < total:
@@ -413,55 +495,21 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
                 skipped += 1
                 if run.main:
                     append_jsonl(stage_dir / "skipped.jsonl", {"step": step, "sample": why})
-        n_tok = acc.reduce(torch.tensor(float(sum(b["num_target_tokens"] for b in micro)), device=acc.device), "sum")
-        n_tok = max(float(n_tok), 1.0)
-        loss_sum = torch.zeros((), device=acc.device)
-        model.train()
-        for m in MODULES:  # frozen modules stay in eval mode (no dropout on fixed features)
-            module_of(vlm, m).train(st["freeze"][m]["mode"] != "frozen")
-        for a, b in enumerate(micro):
-            sync = acc.no_sync(model) if a < accum - 1 and world > 1 else nullcontext()
-            with sync:
-                with autocast():
-                    kw = _image_inputs(vlm, b, cache, acc.device)
-                    ids = b["input_ids"].to(acc.device)
-                    out = model(input_ids=ids, attention_mask=b["attention_mask"].to(acc.device), **kw)
-                logits = out.logits[:, :-1].float()
-                tgt = b["labels"][:, 1:].to(acc.device)
-                tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                           ignore_index=-100, reduction="sum")
-                loss = tok_loss * world / n_tok
-                acc.backward(scaler.scale(loss) if scaler is not None else loss)
-            loss_sum += tok_loss.detach()
-        if scaler is not None:
-            scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
-        max_norm = o["max_grad_norm"] if o["max_grad_norm"] is not None else float("inf")
-        norm = acc.clip_grad_norm_(trainable, max_norm)  # under DeepSpeed: the engine's (it clips itself)
-        grad_norm = float(norm) if norm is not None else float("nan")
-        global_loss = float(acc.reduce(loss_sum, "sum")) / n_tok
-        if not math.isfinite(global_loss):
-            raise UserError(f"stage {name}: loss is {global_loss} at step {step + 1}; training stopped. Lower the "
-                            "learning rate, raise warmup, or use bf16/fp32 instead of fp16.")
-        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-        if scaler is not None:
-            scaler.step(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        try:
+            stats = train_step(model, micro, optimizer, scheduler, acc, vlm=vlm, freeze=st["freeze"],
+                               max_grad_norm=o["max_grad_norm"], dtype=dtype, scaler=scaler, cache=cache)
+        except NonFiniteLoss as e:
+            raise UserError(f"stage {name}: loss is {e.loss} at step {step + 1}; training stopped. Lower the "
+                            "learning rate, raise warmup, or use bf16/fp32 instead of fp16.") from None
         step += 1
         dt = time.time() - t0
-        n_samples = float(acc.reduce(torch.tensor(float(sum(b["num_samples"] for b in micro)), device=acc.device), "sum"))
-        n_inputs = float(acc.reduce(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in micro)),
-                                                 device=acc.device), "sum"))
         bar.update(1)
-        bar.set_postfix(loss=f"{global_loss:.4f}")
+        bar.set_postfix(loss=f"{stats.loss:.4f}")
         if step % cfg["run"]["log_every"] == 0 or step == total:
-            run.log({"stage": name, "step": step, "epoch": epoch, "loss": global_loss, "lr": lrs,
-                     "grad_norm": grad_norm, "tokens_per_s": n_inputs / dt, "samples_per_s": n_samples / dt,
-                     "peak_memory_mb": _peak_memory_mb(), "skipped_samples": skipped,
-                     "target_tokens": int(n_tok),
+            run.log({"stage": name, "step": step, "epoch": epoch, "loss": stats.loss, "lr": stats.lrs,
+                     "grad_norm": stats.grad_norm, "tokens_per_s": stats.input_tokens / dt,
+                     "samples_per_s": stats.samples / dt, "peak_memory_mb": _peak_memory_mb(),
+                     "skipped_samples": skipped, "target_tokens": int(stats.target_tokens),
                      **({"feature_cache_hits": cache.hits, "feature_cache_misses": cache.misses} if cache else {})})
         if eval_every and quick and step % eval_every == 0 and step < total:
             if run.main:
