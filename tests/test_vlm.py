@@ -186,3 +186,19 @@ def test_packed_score_is_exact_for_each_llm_family(llm):
     got = m.score([img], ["<image> name it"], [conts], token_budget=6)[0]
     for c, r in zip(conts, got):
         assert r["sum_logprob"] == pytest.approx(_naive_logprob(m, img, "<image> name it", c, True), abs=1e-4)
+
+
+@pytest.mark.parametrize("llm", ["llama", "gemma"])
+def test_label_loss_sum_equals_full_logits_cross_entropy(llm):
+    m = tiny_vlm(llm=llm, seed=4)
+    ids = _sample_ids(m, "<image> describe it in some words please", 1)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[-4:] = ids[-4:]
+    pix = m.preprocess([_image(13)])
+    out = m(ids[None], pixels=pix, labels=labels[None], label_loss_sum=True)
+    logits = m(ids[None], pixels=pix).logits[0, :-1].float()
+    ref = torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+    assert out.num_tokens == 4
+    torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    assert m.connector.layers[0].weight.grad is not None

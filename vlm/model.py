@@ -35,6 +35,22 @@ class ScoreResult:
         return self.as_dict()[key]
 
 
+@dataclass
+class LabelLoss:
+    """What `VLM.forward(..., label_loss_sum=True)` returns."""
+
+    loss: torch.Tensor
+    num_tokens: int
+
+
+def _plain_lm_head(lm: nn.Module) -> bool:
+    """True when logits are just `lm_head(decoder(...))` (optionally soft-capped), so the head can be applied to
+    the labelled positions only; models that rescale logits in their forward go through the full forward."""
+    cfg = lm.config
+    rescaled = any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling", "output_multiplier"))
+    return not rescaled and lm.get_output_embeddings() is not None and hasattr(lm, "get_decoder")
+
+
 def expand_image_tokens(
     input_ids: Sequence[int], labels: Sequence[int] | None, image_token_id: int, num_image_tokens: int
 ) -> tuple[list[int], list[int] | None]:
@@ -133,9 +149,15 @@ class VLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        label_loss_sum: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """`input_ids` hold N' image tokens per image; `pixels`/`image_features` hold the images in order."""
+        """`input_ids` hold N' image tokens per image; `pixels`/`image_features` hold the images in order.
+
+        With `label_loss_sum=True` (training), returns `LabelLoss(loss=summed next-token cross-entropy over
+        labelled positions, num_tokens)` and projects to the vocabulary only where a label is: image and
+        prompt tokens, usually most of a LLaVA sequence, never pay for the LM head.
+        """
         image_embeds = None
         if pixels is not None or image_features is not None:
             image_embeds = self.encode_images(pixels, image_features)
@@ -144,6 +166,10 @@ class VLM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
+        if label_loss_sum:
+            if labels is None:
+                raise ValueError("label_loss_sum=True needs labels")
+            return self._label_loss_sum(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -153,6 +179,24 @@ class VLM(nn.Module):
             use_cache=use_cache,
             **kwargs,
         )
+
+    def _label_loss_sum(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                        labels: torch.Tensor, **kwargs: Any) -> "LabelLoss":
+        lm = self.language_model
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        if not _plain_lm_head(lm):
+            logits = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, **kwargs).logits[:, :-1][keep].float()
+        else:
+            hidden = lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state
+            logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+            cap = getattr(lm.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+        loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        return LabelLoss(loss=loss, num_tokens=int(keep.sum()))
 
     # ------------------------------------------------------------------ prompts
     def _prompt_ids(self, prompt: str, n_images: int, chat_template: bool) -> list[int]:

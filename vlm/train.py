@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.errors import UserError
@@ -387,11 +386,8 @@ def train_step(model: Any, micro_batches: list[dict], optimizer: Any, scheduler:
             with torch.autocast(acc.device.type, dtype=dtype) if dtype is not None else nullcontext():
                 kw = _image_inputs(vlm, b, cache, acc.device)
                 out = model(input_ids=b["input_ids"].to(acc.device), attention_mask=b["attention_mask"].to(acc.device),
-                            **kw)
-            logits = out.logits[:, :-1].float()
-            tgt = b["labels"][:, 1:].to(acc.device)
-            tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-                                       reduction="sum")
+                            labels=b["labels"].to(acc.device), label_loss_sum=True, **kw)
+            tok_loss = out.loss  # summed cross-entropy over labelled tokens; the LM head runs only there
             loss = tok_loss * world / n_tok
             acc.backward(scaler.scale(loss) if scaler is not None else loss)
         loss_sum += tok_loss.detach()
