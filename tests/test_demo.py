@@ -173,11 +173,12 @@ def test_zoo_prepare_and_tiny_real_run(tmp_path, monkeypatch):
         "eval": {"tasks": [
             {"type": "classification", "name": "synth_fg", "path": "${synth_world:quick,0}/classification",
              "protocols": ["mc", "likelihood", "open"], "k": 5, "mining": "tfidf", "mc_generate": False,
-             "max_new_tokens": 6, "options_file": str(tmp_path / "options.json"), "limit": 3},
+             "max_new_tokens": 6, "options_file": str(tmp_path / "options.json"), "limit": 2},
             {"type": "vqav2", "name": "synth_vqa", "questions_file": "${synth_world:quick,0}/vqa_eval/questions.json",
              "annotations_file": "${synth_world:quick,0}/vqa_eval/annotations.json",
-             "image_template": "images/{image_id}.png", "max_new_tokens": 3, "limit": 3},
-            {"type": "spec", "name": "synth_spec", "path": "${synth_world:quick,0}/spec", "subsets": ["existence"]},
+             "image_template": "images/{image_id}.png", "max_new_tokens": 3, "limit": 2},
+            {"type": "spec", "name": "synth_spec", "path": "${synth_world:quick,0}/spec", "subsets": ["existence"],
+             "limit": 4},
         ]},
     }))
     run_dir = tmp_path / "run"
@@ -190,7 +191,7 @@ def test_zoo_prepare_and_tiny_real_run(tmp_path, monkeypatch):
     res = json.loads((run_dir / "results.json").read_text())
     assert set(res["tasks"]) == {"synth_fg", "synth_vqa", "synth_spec"}
     assert res["fine_grained"] is not None and res["general"] is not None
-    assert res["tasks"]["synth_fg"]["num_items"] == 3 and res["tasks"]["synth_vqa"]["num_items"] == 3
+    assert [res["tasks"][t]["num_items"] for t in ("synth_fg", "synth_vqa", "synth_spec")] == [2, 2, 4]
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     manifest = json.loads((run_dir / "manifest.json").read_text())
