@@ -177,9 +177,7 @@ def test_zoo_prepare_and_tiny_real_run(tmp_path, monkeypatch):
             {"type": "vqav2", "name": "synth_vqa", "questions_file": "${synth_world:quick,0}/vqa_eval/questions.json",
              "annotations_file": "${synth_world:quick,0}/vqa_eval/annotations.json",
              "image_template": "images/{image_id}.png", "max_new_tokens": 3, "limit": 2},
-            {"type": "spec", "name": "synth_spec", "path": "${synth_world:quick,0}/spec", "subsets": ["existence"],
-             "limit": 4},
-        ]},
+        ]},  # SPEC-style scoring is left out: its items come direction by direction, too many for CI
     }))
     run_dir = tmp_path / "run"
     t1 = time.time()
@@ -189,9 +187,9 @@ def test_zoo_prepare_and_tiny_real_run(tmp_path, monkeypatch):
     assert rc == 0, "vlm eval failed"
     t_run = time.time() - t1
     res = json.loads((run_dir / "results.json").read_text())
-    assert set(res["tasks"]) == {"synth_fg", "synth_vqa", "synth_spec"}
+    assert set(res["tasks"]) == {"synth_fg", "synth_vqa"}
     assert res["fine_grained"] is not None and res["general"] is not None
-    assert [res["tasks"][t]["num_items"] for t in ("synth_fg", "synth_vqa", "synth_spec")] == [2, 2, 4]
+    assert [res["tasks"][t]["num_items"] for t in ("synth_fg", "synth_vqa")] == [2, 2]
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     manifest = json.loads((run_dir / "manifest.json").read_text())
