@@ -270,8 +270,9 @@ def spec_metrics(records: Iterable[Mapping]) -> dict[str, float]:
         subs = [v for (sub, dd), v in acc.items() if dd == d]
         if subs:
             out[d] = sum(sum(v) / len(v) for v in subs) / len(subs)
-    if "i2t" in out and "t2i" in out:
-        out["mean"] = (out["i2t"] + out["t2i"]) / 2
+    present = [out[d] for d in ("i2t", "t2i") if d in out]
+    if present:  # the mean of both directions; of the one scored when an item limit left the other out
+        out["mean"] = sum(present) / len(present)
     return out
 
 

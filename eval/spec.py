@@ -39,20 +39,23 @@ class SPECTask(Task):
         subsets = self.cfg.get("subsets") or [s for s in SUBSETS if (root / s).is_dir()]
         if not subsets:
             raise UserError(f"SPEC: no subset folders ({', '.join(SUBSETS)}) under {root}.")
-        out = []
+        groups: list[list[dict]] = []
         for sub in subsets:
             img_root = Path(self.cfg["image_root"]) / sub if self.cfg.get("image_root") else root / sub
             for direction, fname in (("i2t", "image2text.json"), ("t2i", "text2image.json")):
                 path = root / sub / fname
                 if not path.exists():
                     raise UserError(f"SPEC: {path} is missing.")
+                group: list[dict] = []
+                groups.append(group)
                 for n, e in enumerate(json.loads(path.read_text(encoding="utf-8"))):
                     if not 0 <= int(e["label"]) < len(e["keys"]):
                         raise UserError(f"SPEC: {path} entry {n} has label {e['label']} outside its {len(e['keys'])} keys.")
-                    out.append({"id": f"{sub}/{direction}/{n}", "subset": sub, "direction": direction,
+                    group.append({"id": f"{sub}/{direction}/{n}", "subset": sub, "direction": direction,
                                 "query": e["query"], "keys": list(e["keys"]), "label": int(e["label"]),
                                 "root": str(img_root)})
-        return out
+        # Round-robin over (subset, direction) so that a `limit` keeps every subset and both directions.
+        return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
 
     def predict(self, model: Any, batch: list[dict]) -> list[dict]:
         images, prompts, conts, owner = [], [], [], []

@@ -215,3 +215,19 @@ def test_valse_svo_vsr(tmp_path, model):
     res, recs = run({"type": "vsr", "name": "vsr", "data_file": B.vsr(tmp_path / "vsr"),
                      "image_root": str(tmp_path / "vsr" / "images")}, model, tmp_path)
     assert res["score"] == pytest.approx(2 / 3) and [r["pred"] for r in recs] == [1, 0, 0]
+
+
+def test_spec_limit_keeps_both_directions_and_every_subset(tmp_path):
+    import json
+
+    from eval.runner import build_task
+
+    for sub in ("existence", "count"):
+        d = tmp_path / sub
+        d.mkdir()
+        entries = [{"query": f"q{i}", "keys": ["a", "b"], "label": 0} for i in range(5)]
+        (d / "image2text.json").write_text(json.dumps(entries))
+        (d / "text2image.json").write_text(json.dumps(entries))
+    task = build_task({"type": "spec", "name": "spec", "path": str(tmp_path), "limit": 4})
+    picked = {(it["subset"], it["direction"]) for it in task.limited_items()}
+    assert picked == {(s, d) for s in ("existence", "count") for d in ("i2t", "t2i")}
