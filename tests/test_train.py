@@ -273,3 +273,16 @@ def test_train_stage_is_repeated_train_step(recipe, tmp_path):
     assert weights.keys() == trained.keys()
     for n, p in trained.items():
         assert torch.equal(weights[n], p.detach()), n
+
+
+def test_final_checkpoints_can_be_dropped_once_the_artifact_exists(tmp_path):
+    over = [f"run.feature_cache_dir={tmp_path / 'fc'}", "run.keep_final_checkpoints=false", "eval.tasks=[]",
+            "stages.align.max_steps=1", "stages.finetune.max_steps=1"]
+    out = tmp_path / "run"
+    train(load_recipe(ROOT / "recipes" / "smoke.yaml", over), out)
+    for stage in ("align", "finetune"):
+        assert (out / "stages" / stage / "artifact.json").is_file()
+        assert not (out / "stages" / stage / "checkpoints").exists()
+    load_run(out)
+    train(load_recipe(ROOT / "recipes" / "smoke.yaml", over), out)  # re-run: nothing left to do, still fine
+    assert read_json(out / "status.json")["state"] == "done"

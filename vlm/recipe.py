@@ -159,6 +159,7 @@ class Run:
     log_every: int = 1
     progress: bool = True
     trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    keep_final_checkpoints: bool = True  # false: drop a stage's checkpoints once its artifact is in place
 
 
 @dataclass

@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -291,6 +292,8 @@ def train(cfg: DictConfig | dict, run_dir: Path) -> Path:
             apply_artifact(vlm, st, art)
             if run.main:
                 atomic_write_json(run_dir / "stages" / name / "artifact.json", {"key": key, "path": str(art.resolve())})
+                if not cfg["run"]["keep_final_checkpoints"]:  # the artifact is what later stages and load_run use
+                    shutil.rmtree(run_dir / "stages" / name / "checkpoints", ignore_errors=True)
                 prev = run.manifest["stages"].get(name, {})
                 run.manifest["stages"][name] = {"key": key, "reused_artifact": reused and not prev.get("trained"),
                                                 "trained": prev.get("trained", False) or not reused,
