@@ -211,3 +211,17 @@ def test_builtin_tokenizers_are_deterministic_and_fresh():
     add_image_token(a)
     assert "<image>" not in b.get_vocab()  # no shared state between instances
     assert 400 < len(b) <= 1000
+
+
+def test_chatml_nosystem_renders_no_default_system_turn():
+    """`chatml_nosystem`: ChatML turns exactly as `chatml`, minus the default system turn (shorter demo samples)."""
+    tok = tokenizer("chatml")
+    conv = CONV[1:3]
+    text = "<|im_start|>user\n" + Q1 + "<|im_end|>\n<|im_start|>assistant\n" + A1 + "<|im_end|>\n"
+    ids, labels = tokenize_conversation(tok, conv, sample_id="s0", chat_template="chatml_nosystem")
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert labelled_spans(tok, ids, labels) == [A1 + "<|im_end|>"]
+    with_system = tokenize_conversation(tok, CONV, sample_id="s0", chat_template="chatml_nosystem")
+    assert with_system == tokenize_conversation(tok, CONV, sample_id="s0", chat_template="chatml")
+    assert tok.decode(tokenize_prompt(tok, "Hi", chat_template="chatml_nosystem")) == \
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

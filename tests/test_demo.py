@@ -32,11 +32,15 @@ def test_plan_defaults_and_quick(tmp_path):
     assert quick.out == Path("runs/demo-quick") and quick.grid == Path("runs/demo-quick/demo_quick.yaml")
     custom = demo.make_plan(quick=True, out=tmp_path / "d", workers=2)
     assert custom.out == tmp_path / "d" and custom.workers == 2 and f"--out {tmp_path / 'd'}" in custom.steps[2][1]
+    seeds = demo.make_plan(seeds=2)
+    assert seeds.out == Path("runs/demo-2seeds") and seeds.grid == Path("runs/demo-2seeds/demo_2seeds.yaml")
 
 
 def test_bad_arguments_are_user_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="--workers"):
         demo.make_plan(workers=0)
+    with pytest.raises(UserError, match="--seeds"):
+        demo.make_plan(seeds=0)
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(UserError, match="not a directory"):
@@ -56,8 +60,18 @@ def test_demo_grid_points_and_quick_variant():
     by = {p.id: p.overrides for p in points}
     assert by["encoder=effnet-lite0,stage1_llm=frozen"]["model.encoder"]["path"] == "zoo:efficientnet-lite0"
     assert by["encoder=dinov2-s,stage1_llm=unfrozen"]["stages.align.freeze.llm"]["mode"] == "full"
-    raw = yaml.safe_load(demo.quick_grid_text())
+    raw = yaml.safe_load(demo.derived_grid_text(quick=True))
     assert raw["base"] == str(demo.QUICK_BASE) and raw["axes"] == yaml.safe_load(demo.GRID.read_text())["axes"]
+
+
+def test_seeds_variant_adds_a_seed_axis(tmp_path):
+    path = tmp_path / "demo_2seeds.yaml"
+    path.write_text(demo.derived_grid_text(seeds=2))
+    grid = load_grid(path)
+    assert Path(grid.base).resolve() == (ROOT / "recipes" / "demo" / "base.yaml").resolve()
+    points = grid.points()
+    assert len(points) == 8 and {p.labels["seed"] for p in points} == {"0", "1"}
+    assert next(p for p in points if p.labels["seed"] == "1").overrides["run.seed"] == 1
 
 
 def test_full_grid_adds_captions_and_random_encoder():
@@ -92,7 +106,7 @@ def test_every_demo_point_is_a_valid_recipe(world_cache, tmp_path, grid_file):
 
     if grid_file == "quick":
         path = tmp_path / "demo_quick.yaml"
-        path.write_text(demo.quick_grid_text())
+        path.write_text(demo.derived_grid_text(quick=True))
     else:
         path = ROOT / "recipes" / "grids" / grid_file
     plan = plan_grid(load_grid(path), None)  # composes and validates every point's recipe
@@ -112,8 +126,8 @@ def test_mean_se_hand_worked():
 def _fake_grid(root: Path, correct: dict[str, list[int]]) -> None:
     points = []
     for pid, row in correct.items():
-        enc, llm = (part.split("=")[1] for part in pid.split(","))
-        points.append({"id": pid, "labels": {"encoder": enc, "stage1_llm": llm}, "overrides": {}})
+        labels = dict(part.split("=") for part in pid.split(","))
+        points.append({"id": pid, "labels": labels, "overrides": {}})
         for task in ("synth_fg_mc", "synth_fg_open"):
             d = root / pid / "eval" / task
             d.mkdir(parents=True)
@@ -147,6 +161,32 @@ def test_paired_effects_hand_worked(tmp_path):
     assert "| encoder=b,stage1_llm=full | 1.000 ± 0.000 |" in text
     assert "| encoder | b vs a | mc_acc | +0.500 * |" in text  # 0.5 > 2 × 0.189
     assert "open_acc" in text and "rank_top1" not in text and "vqa_acc" not in text  # only metrics that have predictions
+
+
+def test_seed_noise_hand_worked(tmp_path):
+    """Two seeds per point: the seed spread is the RMS of seed-1 − seed-0 point means; an effect is starred only
+    when it beats 2 SE over items and 2 x seed sd / sqrt(point pairs)."""
+    _fake_grid(tmp_path, {
+        "encoder=a,seed=0": [1, 0, 0, 0],
+        "encoder=b,seed=0": [1, 1, 1, 1],
+        "encoder=a,seed=1": [1, 1, 0, 0],   # seed-1 − seed-0 mean: +0.25
+        "encoder=b,seed=1": [1, 1, 1, 1],   # +0.0
+    })
+    points = json.loads((tmp_path / "_grid" / "plan.json").read_text())["points"]
+    scores = {p["id"]: demo.item_scores(tmp_path / p["id"]) for p in points}
+    noise = demo.seed_noise(points, scores)["mc_acc"]
+    assert noise["diffs"] == pytest.approx([0.25, 0.0]) and noise["pairs"] == 2
+    assert noise["sd"] == pytest.approx(math.sqrt((0.25 ** 2 + 0) / 2))
+    effects = demo.paired_effects(points, scores)
+    assert {e["axis"] for e in effects} == {"encoder"}  # the seed axis is noise, not an effect
+    enc = next(e for e in effects if e["metric"] == "mc_acc")
+    # per-item b − a: seed 0 [0, 1, 1, 1], seed 1 [0, 0, 1, 1] → mean 0.625 over 8 items, 2 point pairs
+    assert enc["diff"] == pytest.approx(0.625) and enc["pairs"] == 2
+    assert demo.beyond_noise(enc, {"mc_acc": noise})            # 0.625 > 2 x 0.177 / sqrt(2) = 0.25
+    assert not demo.beyond_noise(enc, {"mc_acc": {**noise, "sd": 0.5}})  # 2 x 0.5 / sqrt(2) = 0.71 > 0.625
+    text = demo.summary_markdown(tmp_path)
+    assert "## Seed noise" in text and "| mc_acc | +0.250, +0.000 | 0.177 | 2 |" in text
+    assert "| encoder | b vs a | mc_acc | +0.625 * |" in text
 
 
 def test_summary_without_plan(tmp_path):

@@ -8,6 +8,8 @@
 then a summary: every point's scores with their standard errors, and every axis's paired difference with the
 standard error of the per-item differences (`summary_markdown`, docs/demo.md).
 `--quick` runs the same grid on `recipes/demo/quick.yaml` (fewer steps and eval items) into runs/demo-quick.
+`--seeds N` adds a `seed` axis (run.seed 0..N-1): every point is trained N times, and the summary measures the
+seed-to-seed spread and marks an axis effect only when it exceeds both the item noise and the seed noise.
 Each step prints what it does and how long it took; the grid step shows every running point's stage and step.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "recipes" / "grids" / "demo.yaml"
 QUICK_BASE = ROOT / "recipes" / "demo" / "quick.yaml"
 ZOO_ENTRIES = ("dinov2-s", "efficientnet-lite0", "smollm2-135m-instruct")
+SEED_AXIS = "seed"
 WORLD = {"preset": "quick", "seed": 0}  # the world the demo recipes name as `${synth_world:quick,0}`
 
 
@@ -40,19 +43,23 @@ class Plan:
 
     quick: bool
     out: Path
-    grid: Path  # the grid file launched (for --quick, a copy of demo.yaml on the quick base, written into out)
+    grid: Path  # the grid file launched (demo.yaml, or a derived copy written into out: quick base / seed axis)
     workers: int
+    seeds: int = 1
     steps: list[tuple[str, str]] = field(default_factory=list)
 
 
-def make_plan(quick: bool = False, out: str | Path | None = None, workers: int = 1) -> Plan:
+def make_plan(quick: bool = False, out: str | Path | None = None, workers: int = 1, seeds: int = 1) -> Plan:
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}.")
-    out = Path(out) if out else Path("runs") / ("demo-quick" if quick else "demo")
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}.")
+    name = "demo" + ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+    out = Path(out) if out else Path("runs") / name
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another --out.")
-    grid = out / "demo_quick.yaml" if quick else GRID
-    plan = Plan(quick=quick, out=out, grid=grid, workers=workers)
+    grid = out / f"{name.replace('-', '_')}.yaml" if (quick or seeds > 1) else GRID
+    plan = Plan(quick=quick, out=out, grid=grid, workers=workers, seeds=seeds)
     plan.steps = [
         ("zoo", f"vlm zoo prepare {' '.join(ZOO_ENTRIES)}"),
         ("data", f"vlm data synth (preset {WORLD['preset']}, seed {WORLD['seed']}) into the synth cache"),
@@ -62,13 +69,16 @@ def make_plan(quick: bool = False, out: str | Path | None = None, workers: int =
     return plan
 
 
-def quick_grid_text() -> str:
-    """recipes/grids/demo.yaml with `base` pointing at the quick recipe (absolute, so it runs from any dir)."""
+def derived_grid_text(quick: bool = False, seeds: int = 1) -> str:
+    """recipes/grids/demo.yaml on the quick recipe and/or with a `seed` axis (0..seeds-1); paths made absolute
+    so the copy runs from any directory."""
     raw = yaml.safe_load(GRID.read_text(encoding="utf-8"))
-    raw["name"] = "demo-quick"
-    raw["base"] = str(QUICK_BASE)
-    return "# written by `vlm demo --quick`: recipes/grids/demo.yaml on recipes/demo/quick.yaml\n" + \
-        yaml.safe_dump(raw, sort_keys=False)
+    raw["name"] = "demo" + ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+    raw["base"] = str(QUICK_BASE if quick else (GRID.parent / raw["base"]).resolve())
+    if seeds > 1:
+        raw["axes"][SEED_AXIS] = {"values": {str(s): {"run.seed": s} for s in range(seeds)}}
+    flags = " ".join(f for f, on in (("--quick", quick), (f"--seeds {seeds}", seeds > 1)) if on)
+    return f"# written by `vlm demo {flags}`: derived from recipes/grids/demo.yaml\n" + yaml.safe_dump(raw, sort_keys=False)
 
 
 # ---------------------------------------------------------------- steps
@@ -120,8 +130,8 @@ def step_grid(plan: Plan, echo: Callable[[str], None]) -> dict[str, str]:
     from vlm.grid import launch
 
     plan.out.mkdir(parents=True, exist_ok=True)
-    if plan.quick:
-        atomic_write_text(plan.grid, quick_grid_text())
+    if plan.grid != GRID:
+        atomic_write_text(plan.grid, derived_grid_text(plan.quick, plan.seeds))
     stop = threading.Event()
     watcher = threading.Thread(target=watch_points, args=(plan.out, stop, echo), daemon=True)
     watcher.start()
@@ -148,6 +158,7 @@ def step_report(plan: Plan, echo: Callable[[str], None]) -> dict[str, Path]:
 ITEM_SCORES: dict[tuple[str, str], Callable[[dict], float]] = {
     ("synth_fg_mc", "mc_acc"): lambda r: float(r["mc_pred"] == r["mc_answer"]),
     ("synth_fg_rank", "rank_top1"): lambda r: float(bool(r["likelihood_sum_top1_correct"])),
+    ("synth_fg_rank", "rank_top5"): lambda r: float(bool(r["likelihood_sum_top5_correct"])),
     ("synth_fg_open", "open_acc"): lambda r: float(bool(r["open_correct"])),
     ("synth_vqa", "vqa_acc"): lambda r: _vqa(r),
     ("synth_spec", "spec_acc"): lambda r: float(bool(r["correct"])),
@@ -188,16 +199,18 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 def paired_effects(points: list[dict[str, Any]], scores: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
     """For every axis and non-reference level: per-item differences (level − reference) over every pair of
-    points that differ in that axis only, pooled; mean, SE and the number of paired items. The SE is the
-    item-sampling error of the difference (same items in both points), so |mean| > 2 SE is a difference the
-    eval set resolves; training-seed noise is checked separately (docs/demo.md)."""
+    points that differ in that axis only, pooled; mean, SE, the number of paired items and of point pairs.
+    The SE is the item-sampling error of the difference (same items in both points), so |mean| > 2 SE is a
+    difference the eval set resolves; training-seed noise comes from `seed_noise`. The seed axis is skipped."""
     axes = list(points[0]["labels"]) if points else []
     effects = []
     for axis in axes:
+        if axis == SEED_AXIS:
+            continue
         levels = list(dict.fromkeys(p["labels"][axis] for p in points))
         for level in levels[1:]:
             for metric in sorted({m for s in scores.values() for m in s}):
-                diffs = []
+                diffs, pairs = [], 0
                 for p in points:
                     if p["labels"][axis] != levels[0]:
                         continue
@@ -207,11 +220,47 @@ def paired_effects(points: list[dict[str, Any]], scores: dict[str, dict[str, dic
                     b = scores.get(twin["id"], {}).get(metric) if twin else None
                     if a and b:
                         diffs += [b[i] - a[i] for i in a if i in b]
+                        pairs += 1
                 if diffs:
                     m, se = mean_se(diffs)
                     effects.append({"axis": axis, "level": level, "reference": levels[0], "metric": metric,
-                                    "diff": m, "se": se, "n": len(diffs)})
+                                    "diff": m, "se": se, "n": len(diffs), "pairs": pairs})
     return effects
+
+
+def seed_noise(points: list[dict[str, Any]], scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """metric -> {"sd", "pairs", "diffs"} from the `seed` axis: for every point trained with another seed than the
+    first, the difference of its mean score from its first-seed twin (same settings otherwise, same items).
+    `sd` is their root mean square: the spread of a difference between two independently trained points that
+    training randomness alone produces. An effect pooled over k point pairs has seed noise sd / sqrt(k)."""
+    if not points or SEED_AXIS not in points[0]["labels"]:
+        return {}
+    first = points[0]["labels"][SEED_AXIS]
+    others = [a for a in points[0]["labels"] if a != SEED_AXIS]
+    out: dict[str, dict[str, Any]] = {}
+    for metric in sorted({m for s in scores.values() for m in s}):
+        diffs = []
+        for p in points:
+            if p["labels"][SEED_AXIS] == first:
+                continue
+            twin = next((q for q in points if q["labels"][SEED_AXIS] == first and all(
+                q["labels"][a] == p["labels"][a] for a in others)), None)
+            a = scores.get(twin["id"], {}).get(metric) if twin else None
+            b = scores.get(p["id"], {}).get(metric)
+            common = [i for i in (a or {}) if i in (b or {})]
+            if common:
+                diffs.append(sum(b[i] - a[i] for i in common) / len(common))
+        if diffs:
+            out[metric] = {"sd": (sum(d * d for d in diffs) / len(diffs)) ** 0.5, "pairs": len(diffs), "diffs": diffs}
+    return out
+
+
+def beyond_noise(effect: dict[str, Any], noise: dict[str, dict[str, Any]]) -> bool:
+    """|Δ| > 2 SE (items) and, when the grid has a seed axis, |Δ| > 2 x the seed noise of the pooled effect."""
+    if effect["se"] <= 0 or abs(effect["diff"]) <= 2 * effect["se"]:
+        return False
+    n = noise.get(effect["metric"])
+    return n is None or abs(effect["diff"]) > 2 * n["sd"] / effect["pairs"] ** 0.5
 
 
 def summary_markdown(grid_dir: Path) -> str:
@@ -231,13 +280,23 @@ def summary_markdown(grid_dir: Path) -> str:
             cells.append("–" if not xs else "{:.3f} ± {:.3f}".format(*mean_se(xs)))
         lines.append(f"| {p['id']} | " + " | ".join(cells) + " |")
     effects = paired_effects(points, scores)
+    noise = seed_noise(points, scores)
+    if noise:
+        lines += ["", "## Seed noise (point trained again with another seed − the same point, same items)", "",
+                  "| metric | per-pair differences | sd of a difference (RMS) | pairs |", "|---|---|---|---|"]
+        for m, n in noise.items():
+            lines.append(f"| {m} | {', '.join(f'{d:+.3f}' for d in n['diffs'])} | {n['sd']:.3f} | {n['pairs']} |")
     if effects:
-        lines += ["", "## Paired axis effects (level − reference, same items; * = |Δ| > 2 SE)", "",
-                  "| axis | level vs reference | metric | Δ | SE | items |", "|---|---|---|---|---|---|"]
+        rule = ("|Δ| > 2 SE over items and > 2 x seed sd / √pairs" if noise else
+                "|Δ| > 2 SE over items; no seed axis, so seed noise is not checked (`vlm demo --seeds 2`)")
+        lines += ["", f"## Paired axis effects (level − reference, same items; * = {rule})", "",
+                  "| axis | level vs reference | metric | Δ | SE | seed noise | items | point pairs |",
+                  "|---|---|---|---|---|---|---|---|"]
         for e in effects:
-            star = " *" if e["se"] > 0 and abs(e["diff"]) > 2 * e["se"] else ""
+            star = " *" if beyond_noise(e, noise) else ""
+            seed = f"{noise[e['metric']]['sd'] / e['pairs'] ** 0.5:.3f}" if e["metric"] in noise else "–"
             lines.append(f"| {e['axis']} | {e['level']} vs {e['reference']} | {e['metric']} | "
-                         f"{e['diff']:+.3f}{star} | {e['se']:.3f} | {e['n']} |")
+                         f"{e['diff']:+.3f}{star} | {e['se']:.3f} | {seed} | {e['n']} | {e['pairs']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,27 +358,28 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
                         "run again with the same --out to continue")
     parser.add_argument("--workers", type=int, default=1,
                         help="grid points run at the same time (default 1: on 2 CPU cores more only adds contention)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train every point with seeds 0..N-1 (N x the time) and test each axis effect against "
+                             "the seed-to-seed spread as well as the item noise (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and the grid's points; run nothing")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    plan = make_plan(args.quick, args.out, args.workers)
+    plan = make_plan(args.quick, args.out, args.workers, args.seeds)
     if args.dry_run:
-        for i, (_, desc) in enumerate(plan.steps, 1):
-            print(f"[{i}/{len(plan.steps)}] {desc}")
+        import tempfile
+
         from vlm.grid import plan_grid, print_plan
         from vlm.grid_spec import load_grid
 
-        if plan.quick:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "demo_quick.yaml"
-                path.write_text(quick_grid_text(), encoding="utf-8")
-                grid = load_grid(path)
-                print_plan(grid, plan_grid(grid, None))
-        else:
-            grid = load_grid(plan.grid)
+        for i, (_, desc) in enumerate(plan.steps, 1):
+            print(f"[{i}/{len(plan.steps)}] {desc}")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = plan.grid
+            if path != GRID:
+                path = Path(tmp) / plan.grid.name
+                path.write_text(derived_grid_text(plan.quick, plan.seeds), encoding="utf-8")
+            grid = load_grid(path)
             print_plan(grid, plan_grid(grid, None))
         return 0
     sys.stdout.reconfigure(line_buffering=True)
