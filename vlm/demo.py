@@ -49,12 +49,17 @@ class Plan:
     steps: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _demo_name(quick: bool, seeds: int) -> str:
+    """`demo`, `demo-quick`, `demo-2seeds`, ...: the default out dir and the derived grid's name."""
+    return "demo" + ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+
+
 def make_plan(quick: bool = False, out: str | Path | None = None, workers: int = 1, seeds: int = 1) -> Plan:
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}.")
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}.")
-    name = "demo" + ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+    name = _demo_name(quick, seeds)
     out = Path(out) if out else Path("runs") / name
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another --out.")
@@ -73,7 +78,7 @@ def derived_grid_text(quick: bool = False, seeds: int = 1) -> str:
     """recipes/grids/demo.yaml on the quick recipe and/or with a `seed` axis (0..seeds-1); paths made absolute
     so the copy runs from any directory."""
     raw = yaml.safe_load(GRID.read_text(encoding="utf-8"))
-    raw["name"] = "demo" + ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+    raw["name"] = _demo_name(quick, seeds)
     raw["base"] = str(QUICK_BASE if quick else (GRID.parent / raw["base"]).resolve())
     if seeds > 1:
         raw["axes"][SEED_AXIS] = {"values": {str(s): {"run.seed": s} for s in range(seeds)}}
