@@ -55,8 +55,46 @@ def open_image(ref: Any, root: str | Path | None = None):
         return im.convert("RGB")
 
 
+PARQUET_REVISION = "refs/convert/parquet"
+
+
+def _script_help(source: str, config: str | None) -> str:
+    sub = f"{config or 'default'}/" if config else "default/"
+    return (f"HF dataset {source!r} is a loading-script dataset, which the installed `datasets` no longer runs. "
+            f"Use the hub's parquet conversion instead: download it with `huggingface-cli download {source} "
+            f"--repo-type dataset --revision {PARQUET_REVISION} --local-dir DIR` (or `snapshot_download(..., "
+            f"revision='{PARQUET_REVISION}')`) and set the task's `hf: DIR` (its files are DIR/{sub}<split>/*.parquet); "
+            "online, `hf: <id>` reads that revision directly when the script fails.")
+
+
+def _parquet_snapshot(path: Path, split: str | None, config: str | None):
+    """A local copy of a repo's parquet conversion: <config>/<split>/*.parquet (or <config>/*-<split>.parquet,
+    <config>/partial-<split>/*.parquet); `config` defaults to the only one (or `default`)."""
+    import datasets
+
+    configs = sorted(p.name for p in path.iterdir() if p.is_dir() and any(p.rglob("*.parquet")))
+    if not configs:
+        return None
+    cfg = config or ("default" if "default" in configs else configs[0] if len(configs) == 1 else None)
+    if cfg not in configs:
+        raise UserError(f"parquet snapshot {path} has configs {configs}; set the task's `config` to one of them.")
+    files: dict[str, list[str]] = {}
+    for f in sorted((path / cfg).rglob("*.parquet")):
+        rel = f.relative_to(path / cfg).parts
+        name = rel[0] if len(rel) > 1 else f.stem.rsplit("-", 1)[-1]
+        name = name[len("partial-"):] if name.startswith("partial-") else name
+        files.setdefault(name, []).append(str(f))
+    if split not in files:
+        raise UserError(f"parquet snapshot {path / cfg} has splits {sorted(files)}, not {split!r}; set `split`.")
+    return datasets.load_dataset("parquet", data_files={split: files[split]}, split=split)
+
+
 def load_hf(source: str, split: str | None, config: str | None = None):
-    """An HF dataset split from a hub id or a local `save_to_disk` folder."""
+    """An HF dataset split from a hub id, a local `save_to_disk` folder, or a local parquet snapshot.
+
+    Repos that only hold a loading script (Winoground, Stanford Cars, FGVC-Aircraft) are read from their
+    parquet conversion (`refs/convert/parquet`): online from the hub, offline from a downloaded copy of it.
+    """
     import datasets
 
     path = Path(source)
@@ -67,10 +105,22 @@ def load_hf(source: str, split: str | None, config: str | None = None):
                 raise UserError(f"saved dataset {path} has splits {list(ds)}, not {split!r}; set `split`.")
             ds = ds[split]
         return ds
+    if path.is_dir() and not any(path.glob("*.py")):
+        ds = _parquet_snapshot(path, split, config)
+        if ds is not None:
+            return ds
     try:
         return datasets.load_dataset(source, config, split=split)
     except Exception as e:  # noqa: BLE001 - the hub/network error is reported to the user as-is
-        raise UserError(f"could not load HF dataset {source!r} (config {config!r}, split {split!r}): {e}") from e
+        if "scripts are no longer supported" not in str(e):
+            raise UserError(f"could not load HF dataset {source!r} (config {config!r}, split {split!r}): {e}") from e
+        if path.is_dir():
+            raise UserError(f"{source} holds a loading script. " + _script_help(path.name, config)) from None
+    try:
+        return datasets.load_dataset(source, config, split=split, revision=PARQUET_REVISION)
+    except Exception as e:  # noqa: BLE001 - offline or no conversion: say exactly what to do
+        raise UserError(f"{_script_help(source, config)} (reading {PARQUET_REVISION} failed: "
+                        f"{type(e).__name__}: {e})") from None
 
 
 def hf_rows(ds, image_columns: Sequence[str]) -> list[dict]:

@@ -30,8 +30,12 @@ def _load_yaml(path: Path) -> Any:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
-def resolve_task(spec: str | dict[str, Any]) -> dict[str, Any]:
-    """A task spec → its full config dict (recipe names looked up in recipes/eval/)."""
+def resolve_task(spec: str | dict[str, Any], _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A task spec → its full config dict (recipe names looked up in recipes/eval/).
+
+    A task file may itself be `{recipe: <name>, <overrides>}` (e.g. `{recipe: pets, hf: /local/dir}`): it is
+    resolved like the same dict given inline, the file's keys overriding the recipe's.
+    """
     if isinstance(spec, str):
         spec = {"recipe": spec}
     spec = dict(spec)
@@ -41,7 +45,15 @@ def resolve_task(spec: str | dict[str, Any]) -> dict[str, Any]:
         if not path.exists():
             known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
             raise UserError(f"eval task recipe {ref!r} not found ({path}); known: {', '.join(known)}.")
+        key = str(path.resolve())
+        if key in _seen:
+            raise UserError(f"eval task recipe {path} refers back to itself through `recipe:` ({' -> '.join(_seen)}).")
         base = _load_yaml(path)
+        if not isinstance(base, dict):
+            raise UserError(f"eval task file {path} must hold one task mapping ({{type: ...}} or {{recipe: ...}}), "
+                            f"not a {type(base).__name__}.")
+        if "recipe" in base:
+            base = resolve_task(base, (*_seen, key))
         base.setdefault("name", path.stem)
         spec = {**base, **spec}
     if "type" not in spec:

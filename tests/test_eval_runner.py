@@ -108,3 +108,15 @@ def test_cli_eval_run_dir_and_model(tmp_path, monkeypatch, capsys):
     assert read_json(out / "results.json")["tasks"]["pope"]["num_items"] == 3
     assert main(["eval"]) == 2
     assert main(["eval", "--model", "hf-llava:x", "--tasks", "pope"]) == 2   # no --out
+
+
+def test_tasks_file_with_recipe_and_overrides_resolves_like_inline(tmp_path):
+    # issue 11: `--tasks f.yaml` holding {recipe: pets, hf: /local/dir} failed with "has no 'type'"
+    f = tmp_path / "my_pets.yaml"
+    f.write_text("recipe: pets\nhf: /local/dir\n")
+    inline = resolve_task({"recipe": "pets", "hf": "/local/dir"})
+    assert resolve_task(str(f)) == inline
+    assert inline["type"] == "classification" and inline["hf"] == "/local/dir" and inline["name"] == "pets"
+    (tmp_path / "loop.yaml").write_text(f"recipe: {tmp_path / 'loop.yaml'}\n")
+    with pytest.raises(UserError, match="refers back to itself"):
+        resolve_task(str(tmp_path / "loop.yaml"))
