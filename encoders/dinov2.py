@@ -3,7 +3,8 @@
 The sequence is `[CLS][registers...][patches...]`; `patch` mode drops CLS and the registers.
 The class is picked from the config: a `num_register_tokens > 0` (or a checkpoint of model type
 `dinov2_with_registers`) selects the registers variant. DINOv2 always interpolates its position
-embeddings, so any multiple of the patch size works as `image_size`.
+embeddings, so any `image_size` works; like HF, a size that is not a multiple of the patch floors
+(384 px at patch 14: 27 x 27 patches).
 
     {type: dinov2, path: facebook/dinov2-with-registers-small}
 """

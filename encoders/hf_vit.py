@@ -113,10 +113,11 @@ class HFViTEncoder(VisionEncoder):
         self.select_tokens = check_select_tokens(cfg, self.has_cls, family.name)
         native = as_hw(config.image_size, family.name)
         self.image_size = as_hw(cfg.get("image_size", config.image_size), family.name)
-        if self.image_size[0] % self.patch_size or self.image_size[1] % self.patch_size:
-            nearest = self.patch_size * max(1, self.image_size[0] // self.patch_size)
-            raise UserError(f"encoder '{family.name}': image_size {list(self.image_size)} is not a multiple of the "
-                            f"patch size {self.patch_size}; use e.g. {nearest}.")
+        # Like HF (stride-`patch` conv, position embeddings resampled to `size // patch`), a size that is not a
+        # multiple of the patch floors: SigLIP-so400m-patch14-384 gives 27 x 27 patches, its last 6 pixels unseen.
+        if min(self.image_size) < self.patch_size:
+            raise UserError(f"encoder '{family.name}': image_size {list(self.image_size)} is smaller than one patch "
+                            f"({self.patch_size} px); use at least {self.patch_size}.")
         self.interpolate = family.interpolate_pos_encoding and self.image_size != native
         self.transform = ImageTransform(self.image_size, resize=cfg.get("resize", family.resize),
                                         mean=cfg.get("mean", family.mean), std=cfg.get("std", family.std),

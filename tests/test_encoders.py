@@ -182,7 +182,7 @@ def test_zoo_path_is_resolved_through_vlm_zoo(tmp_path, monkeypatch):
     ({"select_tokens": "cls_only"}, "select_tokens"),
     ({"select_layer": 4}, "select_layer"),
     ({"select_layer": -5}, "select_layer"),
-    ({"image_size": 30}, "multiple of the patch"),
+    ({"image_size": 6}, "smaller than one patch"),
     ({"has_cls": False}, "has_cls"),
     ({"num_register_tokens": 2}, "num_register_tokens"),
     ({"resize": "squash"}, "resize"),
