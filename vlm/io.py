@@ -1,14 +1,30 @@
 """Atomic file writes and safe reads for run dirs (never pickle)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+_UMASK_LOCK = threading.Lock()
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask (read once: `os.umask` can only be read by setting it, so the read is locked)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
 
 def _atomic_replace(path: Path, write) -> None:
+    """Write to a temp file in the same dir, fsync, rename into place. `mkstemp` creates the temp file 0600;
+    it gets the mode any newly created file would get (0666 & ~umask) so colleagues on a shared cluster can read
+    results as their umask intends."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -17,6 +33,7 @@ def _atomic_replace(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
