@@ -1,9 +1,10 @@
 """Fine-grained image classification as a VLM task (type `classification`).
 
 Data: one adapter for an HF dataset (`hf`, `split`, `image_column`, `label_column`; class names from
-the ClassLabel feature or `classes_file`) or a local folder (`path`: `<split>.jsonl` with lines
-`{"image": "rel/path.png", "label": "class name"}` and `classes.json`, a list of names or of
-`{"name", "synonyms"}`).
+the ClassLabel feature, `classes_file` or a shipped list `classnames: <name>` from eval/classnames/) or a
+local folder (`path`: `<split>.jsonl` with lines `{"image": "rel/path.png", "label": "class name"}` and
+`classes.json`). A classes file is a JSON list (by label index) of names or `{"name", "synonyms"}`, or a
+JSON object from the dataset's own label names to those. Class names must be unique (case-insensitive).
 
 Protocols (`protocols: [mc, open, likelihood]`, any subset):
 - `mc`: K-way multiple choice with hard negatives (Ghosh et al.), options mined once per dataset and
@@ -29,7 +30,7 @@ import numpy as np
 
 from eval.base import TASKS, Task
 from eval.data import hf_rows, load_hf, open_image, read_records
-from eval.metrics import LETTERS, extract_choice, letter_probabilities, name_in_answer, topk_correct
+from eval.metrics import ANSWER_PARSERS, LETTERS, extract_choice, letter_probabilities, name_in_answer, topk_correct
 from vlm.errors import UserError
 from vlm.io import atomic_write_json, read_json
 
@@ -38,6 +39,7 @@ OPEN_PROMPT = "<image>\n{question}"
 DEFAULT_QUESTION = "What type of object is in this photo?"
 ANSWER_PREFIX = "The photo features a"
 PROTOCOLS = ("mc", "open", "likelihood")
+CLASSNAMES_DIR = Path(__file__).parent / "classnames"
 
 
 def _clean(name: str) -> str:
@@ -71,8 +73,17 @@ class ClassificationData:
         else:
             raise UserError(f"classification task {cfg.get('name')!r} needs `hf: <dataset id or saved folder>` "
                             "or `path: <folder with <split>.jsonl and classes.json>`.")
-        if cfg.get("classes_file"):
-            names, synonyms = self._read_classes(Path(cfg["classes_file"]))
+        if cfg.get("classes_file") and cfg.get("classnames"):
+            raise UserError(f"task {cfg.get('name')!r}: give `classes_file` or `classnames`, not both.")
+        if cfg.get("classnames"):
+            path = CLASSNAMES_DIR / f"{cfg['classnames']}.json"
+            if not path.exists():
+                known = sorted(p.stem for p in CLASSNAMES_DIR.glob("*.json"))
+                raise UserError(f"task {cfg.get('name')!r}: no shipped class-name list {cfg['classnames']!r}; "
+                                f"known: {known}.")
+            names, synonyms = self._read_classes(path, names)
+        elif cfg.get("classes_file"):
+            names, synonyms = self._read_classes(Path(cfg["classes_file"]), names)
         if names is None:
             raise UserError(f"task {cfg.get('name')!r}: no class names (the label column is not a ClassLabel "
                             "and no classes_file / classes.json was given).")
@@ -83,6 +94,7 @@ class ClassificationData:
             names = [p[0] for p in parts]
         if cfg.get("clean_names", False):
             names = [_clean(n) for n in names]
+        _check_unique(names, cfg.get("name"))
         self.names = names
         self.synonyms = [synonyms[i] if i < len(synonyms) else [] for i in range(len(names))]
         index = {n: i for i, n in enumerate(self.names)}
@@ -97,16 +109,47 @@ class ClassificationData:
             self.rows.append({"id": str(r["id"]), "image": r["image"], "label": int(label)})
 
     @staticmethod
-    def _read_classes(path: Path) -> tuple[list[str], list[list[str]]]:
+    def _read_classes(path: Path, label_names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+        """Names and synonyms from a classes file: a list by label index, or an object keyed by the
+        dataset's own label names (`label_names`, e.g. a ClassLabel's '1', '10', '100', ...)."""
         if not path.exists():
             raise UserError(f"classes file {path} does not exist.")
         data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            if label_names is None:
+                raise UserError(f"classes file {path} maps label names to class names, but the dataset has no "
+                                "label names (no ClassLabel feature); use a list by label index.")
+            missing = [n for n in label_names if n not in data]
+            extra = sorted(set(data) - set(label_names))
+            if missing or extra:
+                raise UserError(f"classes file {path} does not match the dataset's labels: missing {missing[:5]}, "
+                                f"unknown {extra[:5]}.")
+            data = [data[n] for n in label_names]
+        elif label_names is not None and len(data) != len(label_names):
+            raise UserError(f"classes file {path} lists {len(data)} classes but the dataset has {len(label_names)}.")
         names = [d["name"] if isinstance(d, dict) else str(d) for d in data]
         syn = [list(d.get("synonyms", [])) if isinstance(d, dict) else [] for d in data]
         return names, syn
 
     def classes_hash(self) -> str:
         return hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:16]
+
+
+def _check_unique(names: list[str], task: Any) -> None:
+    """Two classes with one name (up to case and spacing) would give identical options and an
+    unanswerable question: refuse them."""
+    seen: dict[str, int] = {}
+    dups = []
+    for i, n in enumerate(names):
+        key = " ".join(n.lower().split())
+        if key in seen:
+            dups.append(f"{names[seen[key]]!r} (class {seen[key]}) / {n!r} (class {i})")
+        else:
+            seen[key] = i
+    if dups:
+        raise UserError(f"task {task!r}: duplicate class names: {'; '.join(dups[:5])}"
+                        f"{f' and {len(dups) - 5} more' if len(dups) > 5 else ''}. Give one unique name per "
+                        "class with `classes_file` (or a shipped list with `classnames`).")
 
 
 # --- hard-negative mining -----------------------------------------------------------------------------
@@ -194,6 +237,10 @@ class ClassificationTask(Task):
         self.question = cfg.get("question", DEFAULT_QUESTION)
         self.answer_prefix = cfg.get("answer_prefix", ANSWER_PREFIX)
         self.mc_generate = bool(cfg.get("mc_generate", True))
+        self.parser = cfg.get("answer_parser", "vlmevalkit")
+        if self.parser not in ANSWER_PARSERS:
+            raise UserError(f"task {self.name!r}: answer_parser must be one of {list(ANSWER_PARSERS)}, "
+                            f"got {self.parser!r}.")
         self.max_new_tokens = int(cfg.get("max_new_tokens", 20))
         default_head = {"mc": "mc_acc", "open": "open_acc", "likelihood": "likelihood_sum_top1"}[self.protocols[0]]
         self.headline = cfg.get("headline", default_head)
@@ -251,7 +298,7 @@ class ClassificationTask(Task):
                 gold = LETTERS[o.index(rec["label"])]
                 rec.update(mc_options=o, mc_answer=gold, mc_probs=probs, mc_pred=LETTERS[int(np.argmax(probs))])
                 if gen is not None:
-                    rec.update(mc_gen_text=gen, mc_gen_pred=extract_choice(gen, [names[c] for c in o]))
+                    rec.update(mc_gen_text=gen, mc_gen_pred=extract_choice(gen, [names[c] for c in o], self.parser))
         if "open" in self.protocols:
             prompts = [OPEN_PROMPT.format(question=self.question)] * len(batch)
             gens = model.generate(images, prompts, chat_template=self.chat_template, max_new_tokens=self.max_new_tokens)

@@ -89,6 +89,17 @@ def _parquet_snapshot(path: Path, split: str | None, config: str | None):
     return datasets.load_dataset("parquet", data_files={split: files[split]}, split=split)
 
 
+def find_image(name: str, roots: Sequence[str | Path]) -> Path:
+    """The path of image `name` in the first of `roots` that holds it (a benchmark piece may draw on
+    several source folders, e.g. COCO train2014 and val2014)."""
+    for root in roots:
+        path = Path(root) / name
+        if path.exists():
+            return path.resolve()
+    raise UserError(f"image {name!r} is in none of the image folders {[str(r) for r in roots]}; check the "
+                    "task's image_root(s).")
+
+
 def load_hf(source: str, split: str | None, config: str | None = None):
     """An HF dataset split from a hub id, a local `save_to_disk` folder, or a local parquet snapshot.
 
@@ -123,8 +134,17 @@ def load_hf(source: str, split: str | None, config: str | None = None):
                         f"{type(e).__name__}: {e})") from None
 
 
+def _null_mask(ds, column: str, batch_size: int = 4096) -> list[bool]:
+    """Which cells of `column` are empty, read from the Arrow data without decoding any image."""
+    mask: list[bool] = []
+    for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=batch_size):
+        mask.extend(batch.column(column).is_null().to_pylist())
+    return mask
+
+
 def hf_rows(ds, image_columns: Sequence[str]) -> list[dict]:
-    """Rows of an HF dataset as dicts, image columns replaced by lazy `HFImage` references."""
+    """Rows of an HF dataset as dicts, image columns replaced by lazy `HFImage` references; an empty
+    image cell stays None (so "has an image" filters work on hub data)."""
     import datasets
 
     missing = [c for c in image_columns if c not in ds.column_names]
@@ -135,10 +155,11 @@ def hf_rows(ds, image_columns: Sequence[str]) -> list[dict]:
     for c in image_columns:
         if isinstance(lazy.features[c], datasets.Image):
             lazy = lazy.cast_column(c, datasets.Image(decode=False))
+    empty = {c: _null_mask(lazy, c) for c in image_columns}
     rows = meta.to_list()
     for i, row in enumerate(rows):
         for c in image_columns:
-            row[c] = HFImage(lazy, i, c)
+            row[c] = None if empty[c][i] else HFImage(lazy, i, c)
     return rows
 
 

@@ -83,32 +83,42 @@ def _clean_ws(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def _evalai_prediction(text: str) -> str:
-    """lmms-eval's EvalAIAnswerProcessor: lower-case, drop ',' and '?', split "'s", then the
+def evalai_normalize(text: str) -> str:
+    """The EvalAI answer processor (TextVQA's evaluator, `m4c_evaluator.EvalAIAnswerProcessor`, as
+    LLaVA and lmms-eval use it): lower-case, drop ',' and '?', split "'s", clean whitespace, then the
     official punctuation and digit/article rules."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     return vqa_normalize(_clean_ws(text))
 
 
+VQA_NORMALIZE_MODES = ("official", "always", "textvqa")
+
+
 def vqa_accuracy(prediction: str, answers: Sequence[str], normalize: str = "official") -> float:
     """VQA accuracy of one prediction against the human answers (10 in VQAv2/TextVQA).
 
-    `normalize="official"`: as the official script: whitespace cleaned; answers AND prediction are
-    normalised only when the human answers are not all identical. `normalize="always"`: as lmms-eval:
-    the prediction is always normalised (EvalAI processor), the answers only when they differ.
+    `normalize="official"` (VQAv2's vqaEval.py): whitespace cleaned; answers AND prediction are
+    normalised only when the human answers are not all identical. `normalize="always"` (lmms-eval's
+    VQAv2): the prediction always goes through the EvalAI processor, the answers as in "official".
+    `normalize="textvqa"` (TextVQA's evaluator as LLaVA and lmms-eval run it): prediction and every
+    answer always go through the EvalAI processor.
     Accuracy = mean over the leave-one-out subsets (leaving out by index) of min(#matches / 3, 1).
     """
-    if normalize not in ("official", "always"):
-        raise ValueError(f"normalize must be 'official' or 'always', got {normalize!r}")
+    if normalize not in VQA_NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {VQA_NORMALIZE_MODES}, got {normalize!r}")
     if not answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
-    gts = [_clean_ws(a) for a in answers]
-    pred = _clean_ws(prediction)
-    if normalize == "always":
-        pred = _evalai_prediction(pred)
-    if len(set(gts)) > 1:
-        gts = [vqa_normalize(a) for a in gts]
-        pred = vqa_normalize(pred)
+    if normalize == "textvqa":
+        gts = [evalai_normalize(a) for a in answers]
+        pred = evalai_normalize(prediction)
+    else:
+        gts = [_clean_ws(a) for a in answers]
+        pred = _clean_ws(prediction)
+        if normalize == "always":
+            pred = evalai_normalize(pred)
+        if len(set(gts)) > 1:
+            gts = [vqa_normalize(a) for a in gts]
+            pred = vqa_normalize(pred)
     accs = []
     for i in range(len(gts)):
         matches = sum(1 for j, a in enumerate(gts) if j != i and a == pred)
@@ -201,14 +211,66 @@ def mme_metrics(records: Iterable[Mapping]) -> dict[str, float]:
 LETTERS = string.ascii_uppercase
 
 
-def extract_choice(text: str, options: Sequence[str]) -> str | None:
-    """Rule-based choice extraction (MMBench's rules, no judge). Returns a letter or None.
+# VLMEvalKit (open-compass/VLMEvalKit, vlmeval/utils/matching_util.py at e8e78f05): answers it
+# maps to the invalid option 'Z' (always wrong) before looking at letters.
+_VLMEVALKIT_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                        "I'm sorry, but without the image provided", "Cannot determine the answer")
+_VLMEVALKIT_VERBOSE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+_LLAVA_SQA_SENTENCE = re.compile(r"The answer is ([A-Z]).")
+_LLAVA_SQA_LETTERS = ("A", "B", "C", "D", "E")  # eval_science_qa.py's --options default
+ANSWER_PARSERS = ("vlmevalkit", "llava_scienceqa", "lenient")
 
-    The answer is split into words after turning `.()[],:;!*#{}` into spaces. (1) If exactly one
-    option letter occurs as a word, that letter -- except that "A" is ignored in answers of more than
-    3 words, where it is most likely the article. (2) Otherwise, if exactly one option's text occurs
-    in the answer (case-insensitive), that option. Otherwise None (a parse failure).
+
+def choice_vlmevalkit(text: str, options: Sequence[str]) -> str | None:
+    """VLMEvalKit's `can_infer` (exact-matching policy, no judge; VERBOSE unset), as MMBench is scored.
+
+    1. Letters: `.()[],:;!*#{}` become spaces and the answer is split into words. If exactly one
+       option letter is a word and its first occurrence is among the last 4 words, that letter.
+       With no letter but the word 'Z' (or a refusal phrase), 'Z': a wrong answer (returned as None).
+    2. "answer is X" / "correct answer is **X**" (case-insensitive, X in A-D and an option letter).
+    3. Option texts: unless the answer is longer than twice the options' total length, the one
+       option whose text occurs in the lower-cased answer.
+    Otherwise None (VLMEvalKit: 'Z', a failure that counts as wrong).
     """
+    letters = list(LETTERS[: len(options)])
+    if any(r in text for r in _VLMEVALKIT_REFUSALS):
+        return None
+    words = re.sub(r"[.()\[\],:;!*#{}]", " ", text).split()
+    found = [ch for ch in letters if ch in words]
+    if len(found) == 1:
+        if words.index(found[0]) > len(words) - 5:
+            return found[0]
+    elif not found and "Z" in words:
+        return None
+    m = _VLMEVALKIT_VERBOSE.search(text)
+    if m and m.group(1).upper() in letters:
+        return m.group(1).upper()
+    low = text.lower()
+    if len(low) > 2 * sum(len(str(o)) for o in options):
+        return None
+    hits = [letters[i] for i, o in enumerate(options) if str(o).lower() in low]
+    return hits[0] if len(hits) == 1 else None
+
+
+def choice_llava_scienceqa(text: str, options: Sequence[str]) -> str | None:
+    """LLaVA's `llava/eval/eval_science_qa.py` rule (the answer stripped, as `model_vqa_science`
+    stores it): the answer is a bare letter A-E; or starts with "X. "; or holds exactly one
+    "The answer is X." Otherwise, or when X is not one of the options, None (wrong)."""
+    text = text.strip()
+    if text in _LLAVA_SQA_LETTERS:
+        letter = text
+    elif len(text) >= 3 and text[0] in _LLAVA_SQA_LETTERS and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        found = _LLAVA_SQA_SENTENCE.findall(text)
+        letter = found[0] if len(found) == 1 else ""
+    return letter if letter in _LLAVA_SQA_LETTERS[: len(options)] else None
+
+
+def choice_lenient(text: str, options: Sequence[str]) -> str | None:
+    """This project's earlier rule, kept as a named option: words as in VLMEvalKit; exactly one option
+    letter anywhere in the answer ("A" ignored in answers of more than 3 words, as an article); with
+    no letter, the one option whose text occurs in the answer; several letters: None."""
     letters = LETTERS[: len(options)]
     words = re.sub(r"[.()\[\],:;!*#{}]", " ", text).split()
     found = [ch for ch in letters if ch in words]
@@ -221,6 +283,15 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
     low = text.lower()
     hits = [letters[i] for i, o in enumerate(options) if str(o).strip() and str(o).strip().lower() in low]
     return hits[0] if len(hits) == 1 else None
+
+
+def extract_choice(text: str, options: Sequence[str], parser: str = "vlmevalkit") -> str | None:
+    """The option letter a generated answer names under `parser` (see ANSWER_PARSERS), or None."""
+    rule = {"vlmevalkit": choice_vlmevalkit, "llava_scienceqa": choice_llava_scienceqa,
+            "lenient": choice_lenient}.get(parser)
+    if rule is None:
+        raise ValueError(f"answer parser must be one of {ANSWER_PARSERS}, got {parser!r}")
+    return rule(text, options)
 
 
 def letter_probabilities(logprobs: Sequence[float]) -> list[float]:

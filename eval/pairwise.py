@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.base import TASKS, Task, score_field
-from eval.data import hf_rows, load_hf, open_image, read_records
+from eval.data import find_image, hf_rows, load_hf, open_image, read_records
 from eval.metrics import grouped_accuracy, winoground_scores
 from eval.spec import CAPTION_PROMPT
 from vlm.errors import UserError
@@ -76,7 +76,10 @@ class WinogroundTask(PairwiseTask):
 @TASKS.register("valse")
 class VALSETask(PairwiseTask):
     """Pairwise accuracy acc_r: the caption must outscore its foil. Local: `data_files: {piece: json}`
-    in VALSE's format (key → {image_file, caption, foil}) with images under `image_root`."""
+    in the release's format (key → {image_file, caption, foil, mturk, ...}). Images: `image_roots:
+    {piece: folder or [folders]}` (the pieces' images come from different source datasets), falling
+    back to `image_root`. Only validated samples are scored (`mturk.caption >= 2`, the release's
+    filter) unless `valid_only: false`."""
 
     headline = "acc"
 
@@ -84,15 +87,34 @@ class VALSETask(PairwiseTask):
         files = self.cfg.get("data_files") or ({"valse": self.cfg["data_file"]} if self.cfg.get("data_file") else None)
         if not files:
             raise UserError(f"task {self.name!r}: VALSE needs `data_files: {{piece: path}}` or `data_file`.")
+        roots = dict(self.cfg.get("image_roots") or {})
+        unknown = sorted(set(roots) - set(files))
+        if unknown:
+            raise UserError(f"task {self.name!r}: image_roots names piece(s) {unknown} that are not in data_files.")
+        valid_only = bool(self.cfg.get("valid_only", True))
         out = []
         for piece, path in files.items():
+            piece_roots = roots.get(piece, self.cfg.get("image_root"))
+            if piece_roots is None:
+                raise UserError(f"task {self.name!r}: VALSE piece {piece!r} has no image folder; set "
+                                f"`image_roots: {{{piece}: <folder>}}` (or `image_root` for all pieces).")
+            piece_roots = [str(r) for r in (piece_roots if isinstance(piece_roots, list) else [piece_roots])]
             for r in read_records(path):
+                if valid_only:
+                    votes = (r.get("mturk") or {}).get("caption")
+                    if votes is None:
+                        raise UserError(f"VALSE {path}: sample {r['id']!r} has no `mturk.caption` vote count, so the "
+                                        "validated-only filter cannot be applied; use the release's files or set "
+                                        "`valid_only: false`.")
+                    if int(votes) < 2:
+                        continue
                 out.append({"id": f"{piece}/{r['id']}", "piece": piece, "image": r["image_file"],
-                            "caption": r["caption"], "foil": r["foil"]})
+                            "roots": piece_roots, "caption": r["caption"], "foil": r["foil"]})
         return out
 
     def predict(self, model: Any, batch: list[dict]) -> list[dict]:
-        flat = self.caption_scores(model, [(it["image"], [it["caption"], it["foil"]]) for it in batch])
+        flat = self.caption_scores(model, [(find_image(it["image"], it["roots"]), [it["caption"], it["foil"]])
+                                           for it in batch])
         return [{"id": it["id"], "piece": it["piece"], "scores": s, "correct": s[0] > s[1]} for it, s in zip(batch, flat)]
 
     def metrics(self, records: list[dict]) -> dict[str, float]:
@@ -106,19 +128,37 @@ class VALSETask(PairwiseTask):
 class SVOProbesTask(PairwiseTask):
     """The sentence must be more likely under its positive image than its negative one; accuracy
     overall and by negative type (subject / verb / object). Local: SVO-Probes CSV (sentence,
-    pos_image_id, neg_image_id, subj_neg, verb_neg, obj_neg) with `image_root/<id>.jpg`."""
+    pos_image_id, neg_image_id, subj_neg, verb_neg, obj_neg) with `image_root/<id>.jpg`.
+
+    As in the release's evaluation notebook, only rows negative in exactly one type are scored, in the
+    overall accuracy too; rows flagged in several types (or none) are left out and counted in
+    results.json under `excluded`."""
 
     headline = "acc"
     image_columns = ("pos_image", "neg_image")
 
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.excluded: dict[str, int] | None = None
+
+    def prepare(self, model: Any, task_dir: Path) -> dict[str, Any]:
+        self.items()
+        return {"excluded": self.excluded}
+
     def items(self) -> list[dict]:
         tmpl = self.cfg.get("image_template", "{}.jpg")
         out = []
+        excluded = {"multiple_types": 0, "no_type": 0}
         for i, r in enumerate(self.rows()):
-            neg = next((t for t in ("subj", "verb", "obj") if str(r.get(f"{t}_neg", "")).lower() in ("true", "1")), "other")
+            types = [t for t in ("subj", "verb", "obj") if _flag(r.get(f"{t}_neg"))]
+            if len(types) != 1:
+                excluded["multiple_types" if types else "no_type"] += 1
+                continue
+            neg = types[0]
             pos = r["pos_image"] if "pos_image" in r else tmpl.format(r["pos_image_id"])
             negim = r["neg_image"] if "neg_image" in r else tmpl.format(r["neg_image_id"])
             out.append({"id": str(r.get("id", i)), "sentence": r["sentence"], "pos": pos, "neg": negim, "neg_type": neg})
+        self.excluded = excluded
         return out
 
     def predict(self, model: Any, batch: list[dict]) -> list[dict]:
@@ -128,6 +168,18 @@ class SVOProbesTask(PairwiseTask):
 
     def metrics(self, records: list[dict]) -> dict[str, float]:
         return grouped_accuracy(records, "neg_type")
+
+
+def _flag(value: Any) -> bool:
+    """A subj_neg/verb_neg/obj_neg cell: 'True'/'False' in the CSV, booleans on the hub."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0", "", "none", "nan"):
+        return False
+    raise UserError(f"SVO-Probes: negative-type flag {value!r} is neither True nor False.")
 
 
 @TASKS.register("vsr")

@@ -1,8 +1,11 @@
 """SPEC (Peng et al., CVPR 2024): image-text matching where the K candidates differ in one attribute
-(absolute/relative size, absolute/relative position, existence, count).
+(absolute/relative size, absolute/relative spatial position, existence, count).
 
-Layout: `path/<subset>/image2text.json` and `text2image.json`, lists of `{query, keys[K], label}`;
-image paths relative to the subset folder (or `image_root`). A text's score given an image is its
+Layout (the release's, wjpoom/SPEC `spec/dataset.py`): `path/<subset>/image2text.json` and
+`text2image.json`, lists of `{query, keys[K], label}`; image paths relative to the subset folder (or
+`image_root/<subset>`). Subsets: absolute_size, relative_size, absolute_spatial, relative_spatial,
+existence, count. All six are required unless `subsets:` names some; an unknown subset name, a
+missing subset folder, or a folder holding SPEC files under an unknown name is an error. A text's score given an image is its
 log-likelihood after a caption prompt (mean log-prob by default, `score: sum` to change).
 I2T: the image query picks the best of K texts; T2I: the text query picks the image under which it is
 most likely. Accuracy per subset and direction; headline = unweighted mean over subsets of (I2T+T2I)/2.
@@ -18,7 +21,8 @@ from eval.data import open_image
 from eval.metrics import argmax_correct, spec_metrics
 from vlm.errors import UserError
 
-SUBSETS = ("absolute_size", "relative_size", "absolute_position", "relative_position", "existence", "count")
+SUBSETS = ("absolute_size", "relative_size", "absolute_spatial", "relative_spatial", "existence", "count")
+SPEC_FILES = ("image2text.json", "text2image.json")
 CAPTION_PROMPT = "<image>\nDescribe the image in one sentence."
 
 
@@ -36,9 +40,21 @@ class SPECTask(Task):
 
     def items(self) -> list[dict]:
         root = Path(self.cfg["path"])
-        subsets = self.cfg.get("subsets") or [s for s in SUBSETS if (root / s).is_dir()]
-        if not subsets:
-            raise UserError(f"SPEC: no subset folders ({', '.join(SUBSETS)}) under {root}.")
+        if not root.is_dir():
+            raise UserError(f"SPEC: {root} is not a folder; point `path` at the folder holding the subset folders.")
+        subsets = list(self.cfg.get("subsets") or SUBSETS)
+        unknown = [s for s in subsets if s not in SUBSETS]
+        if unknown:
+            raise UserError(f"SPEC: unknown subset(s) {unknown} in `subsets`; SPEC's are {list(SUBSETS)}.")
+        strays = sorted(p.name for p in root.iterdir()
+                        if p.is_dir() and p.name not in SUBSETS and any((p / f).exists() for f in SPEC_FILES))
+        if strays:
+            raise UserError(f"SPEC: {root} holds subset folder(s) {strays} that SPEC does not have (its subsets are "
+                            f"{list(SUBSETS)}); rename them to the release's names.")
+        missing = [s for s in subsets if not (root / s).is_dir()]
+        if missing:
+            raise UserError(f"SPEC: subset folder(s) {missing} missing under {root}; the release has all of "
+                            f"{list(SUBSETS)} (list the ones to run in `subsets:` to run fewer).")
         groups: list[list[dict]] = []
         for sub in subsets:
             img_root = Path(self.cfg["image_root"]) / sub if self.cfg.get("image_root") else root / sub

@@ -11,8 +11,8 @@ from typing import Any
 
 from eval.base import TASKS, Task
 from eval.data import B64Image, hf_rows, load_hf, open_image, read_records
-from eval.metrics import (LETTERS, extract_choice, gqa_exact_match, letter_probabilities, mme_metrics, mme_parse,
-                          pope_metrics, pope_parse, vqa_accuracy)
+from eval.metrics import (ANSWER_PARSERS, LETTERS, VQA_NORMALIZE_MODES, extract_choice, gqa_exact_match,
+                          letter_probabilities, mme_metrics, mme_parse, pope_metrics, pope_parse, vqa_accuracy)
 from vlm.errors import UserError
 
 SHORT = "<image>\n{question}\nAnswer the question using a single word or phrase."
@@ -53,15 +53,17 @@ class ShortAnswerTask(Task):
 
 @TASKS.register("vqav2", "textvqa")
 class VQATask(ShortAnswerTask):
-    """VQA accuracy (`normalize: official` or `always`, the lmms-eval variant)."""
+    """VQA accuracy. `normalize`: `official` (VQAv2's vqaEval.py, the vqav2 default), `textvqa` (TextVQA's
+    evaluator, always normalising both sides; the textvqa default) or `always` (lmms-eval's VQAv2)."""
 
     headline = "acc"
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
-        self.normalize = cfg.get("normalize", "official")
-        if self.normalize not in ("official", "always"):
-            raise UserError(f"task {self.name!r}: normalize must be 'official' or 'always'.")
+        self.normalize = cfg.get("normalize", "textvqa" if cfg.get("type") == "textvqa" else "official")
+        if self.normalize not in VQA_NORMALIZE_MODES:
+            raise UserError(f"task {self.name!r}: normalize must be one of {list(VQA_NORMALIZE_MODES)}, "
+                            f"got {self.normalize!r}.")
 
     def items(self) -> list[dict]:
         _need(self.cfg, "hf", "questions_file", "data_file")
@@ -127,8 +129,10 @@ class GQATask(ShortAnswerTask):
 
 @TASKS.register("pope")
 class POPETask(ShortAnswerTask):
-    """POPE: yes/no parsed with POPE's rule; acc, precision, recall, F1, yes-ratio overall and per
-    category. Local: `data_files: {category: pope jsonl}` with lines {question_id, image, text, label}."""
+    """POPE: yes/no parsed with POPE's rule; acc, precision, recall, F1, yes-ratio per category (as LLaVA's
+    eval_pope reports them), their mean over categories (`<metric>_category_mean`) and pooled over all
+    items (the headline `f1`). Hub (lmms-lab/POPE): `id` is the global id (`question_id` restarts in each
+    category). Local: `data_files: {category: pope jsonl}` with lines {question_id, image, text, label}."""
 
     headline = "f1"
     default_split = "test"
@@ -136,8 +140,13 @@ class POPETask(ShortAnswerTask):
     def items(self) -> list[dict]:
         _need(self.cfg, "hf", "data_files")
         if self.cfg.get("hf"):
-            return [{"id": str(r["question_id"]), "question": r["question"], "image": r["image"],
-                     "label": r["answer"].strip().lower(), "category": r.get("category", "all")} for r in self._hf()]
+            rows = self._hf()
+            if rows and "id" not in rows[0] and "category" in rows[0]:
+                raise UserError(f"task {self.name!r}: POPE hub data without a global `id` column; its `question_id` "
+                                "restarts in each category. Use lmms-lab/POPE or local `data_files`.")
+            return [{"id": str(r["id"]) if "id" in r else str(r["question_id"]), "question": r["question"],
+                     "image": r["image"], "label": r["answer"].strip().lower(), "category": r.get("category", "all")}
+                    for r in rows]
         out = []
         self.root = self.root or Path(next(iter(self.cfg["data_files"].values()))).parent
         for cat, path in self.cfg["data_files"].items():
@@ -152,10 +161,13 @@ class POPETask(ShortAnswerTask):
     def metrics(self, records: list[dict]) -> dict[str, float]:
         out = pope_metrics([r["pred"] for r in records], [r["label"] for r in records])
         cats = sorted({r["category"] for r in records})
-        if len(cats) > 1:
-            for c in cats:
-                rs = [r for r in records if r["category"] == c]
-                out |= {f"{c}/{k}": v for k, v in pope_metrics([r["pred"] for r in rs], [r["label"] for r in rs]).items()}
+        per_cat = {}
+        for c in cats:
+            rs = [r for r in records if r["category"] == c]
+            per_cat[c] = pope_metrics([r["pred"] for r in rs], [r["label"] for r in rs])
+            out |= {f"{c}/{k}": v for k, v in per_cat[c].items()}
+        for k in list(per_cat[cats[0]]):
+            out[f"{k}_category_mean"] = sum(m[k] for m in per_cat.values()) / len(per_cat)
         return out
 
 
@@ -197,16 +209,22 @@ class MMETask(ShortAnswerTask):
 
 
 class ChoiceTask(Task):
-    """Multiple choice by generation + rule-based letter extraction (`mode: generate`, default) or by
-    the renormalised letter probabilities (`mode: likelihood`)."""
+    """Multiple choice by generation + rule-based letter extraction (`mode: generate`, default; the rule is
+    `answer_parser`, see eval.metrics.ANSWER_PARSERS) or by the renormalised letter probabilities
+    (`mode: likelihood`)."""
 
     family = "general"
+    default_parser = "vlmevalkit"
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
         self.mode = cfg.get("mode", "generate")
         if self.mode not in ("generate", "likelihood"):
             raise UserError(f"task {self.name!r}: mode must be 'generate' or 'likelihood'.")
+        self.parser = cfg.get("answer_parser", self.default_parser)
+        if self.parser not in ANSWER_PARSERS:
+            raise UserError(f"task {self.name!r}: answer_parser must be one of {list(ANSWER_PARSERS)}, "
+                            f"got {self.parser!r}.")
         self.root: Path | None = Path(cfg["image_root"]) if cfg.get("image_root") else None
 
     def prompt(self, item: dict) -> str:
@@ -222,7 +240,7 @@ class ChoiceTask(Task):
             outs = model.generate(images, prompts, chat_template=self.chat_template,
                                   max_new_tokens=int(self.cfg.get("max_new_tokens", 16)))
             for rec, out in zip(recs, outs):
-                rec.update(prediction=out, pred=extract_choice(out, rec["options"]))
+                rec.update(prediction=out, pred=extract_choice(out, rec["options"], self.parser))
         else:
             scores = model.score(images, prompts, [list(LETTERS[: len(it["options"])]) for it in batch],
                                  chat_template=self.chat_template)
@@ -246,7 +264,8 @@ def _present(v: Any) -> bool:
 @TASKS.register("mmbench")
 class MMBenchTask(ChoiceTask):
     """MMBench with CircularEval: every question is asked once per rotation of its options and counts
-    only when all rotations are right. Local: the official TSV (base64 `image` column)."""
+    only when all rotations are right; answers parsed with VLMEvalKit's rule by default. Local: the
+    official TSV (base64 `image` column)."""
 
     headline = "circular_acc"
 
@@ -284,10 +303,13 @@ class MMBenchTask(ChoiceTask):
 
 @TASKS.register("scienceqa")
 class ScienceQATask(ChoiceTask):
-    """ScienceQA-IMG: the test questions that have an image. Local: the official `problems.json`
-    (pid → {question, choices, answer, hint, image, split}) with images at `image_root/<split>/<pid>/`."""
+    """ScienceQA-IMG: the test questions that have an image (hub rows whose image cell is empty are
+    dropped); answers parsed with LLaVA's eval_science_qa rule by default. Local: the official
+    `problems.json` (pid → {question, choices, answer, hint, image, split}) with images at
+    `image_root/<split>/<pid>/`."""
 
     headline = "acc"
+    default_parser = "llava_scienceqa"
 
     def items(self) -> list[dict]:
         _need(self.cfg, "hf", "data_file")

@@ -178,9 +178,15 @@ def test_mmbench_circular(tmp_path, model, mode):
 def test_scienceqa_img(tmp_path):
     path = B.scienceqa(tmp_path / "sqa")
     res, recs = run({"type": "scienceqa", "name": "sqa", "data_file": path},
-                    FakeVLM(B.VISION, {"Which animal?": "I am not sure"}), tmp_path)
+                    FakeVLM(B.VISION, {"Which bird is this?": "B", "Which animal?": "I am not sure"}), tmp_path)
     assert {r["id"] for r in recs} == {"5", "7"}  # test split, with an image
     assert res["metrics"] == {"acc": 0.5, "parse_failure": 0.5}
+    # the fake's own answer "B." is a failure under LLaVA's rule (a bare letter or "B. text"), not under VLMEvalKit's
+    res, _ = run({"type": "scienceqa", "name": "sqa2", "data_file": path}, FakeVLM(B.VISION), tmp_path)
+    assert res["metrics"]["parse_failure"] == 1.0
+    res, _ = run({"type": "scienceqa", "name": "sqa3", "data_file": path, "answer_parser": "vlmevalkit"},
+                 FakeVLM(B.VISION), tmp_path)
+    assert res["metrics"]["acc"] == 0.5
 
 
 # --- diagnostics -----------------------------------------------------------------------------------------
@@ -190,8 +196,12 @@ def test_spec(tmp_path, model):
     root = B.spec(tmp_path / "SPEC")
     res, recs = run({"type": "spec", "name": "spec", "path": str(root)}, model, tmp_path, bs=2)
     m = res["metrics"]
-    assert m["count/i2t"] == 1.0 and m["count/t2i"] == 1.0 and m["absolute_position/t2i"] == 0.0
-    assert m["i2t"] == 1.0 and m["t2i"] == 0.5 and res["score"] == 0.75
+    assert m["count/i2t"] == 1.0 and m["count/t2i"] == 1.0 and m["absolute_spatial/t2i"] == 0.0
+    # unweighted over the six subsets: every i2t right; t2i wrong only in absolute_spatial
+    assert m["i2t"] == 1.0 and m["t2i"] == pytest.approx(5 / 6) and res["score"] == pytest.approx(11 / 12)
+    res, _ = run({"type": "spec", "name": "spec2", "path": str(root), "subsets": ["count", "absolute_spatial"]},
+                 model, tmp_path, bs=2)
+    assert res["metrics"]["t2i"] == 0.5 and res["score"] == 0.75
     t2i = next(r for r in recs if r["id"] == "count/t2i/0")
     assert t2i["scores"] == pytest.approx([-2.0, -0.1])
 
@@ -228,6 +238,7 @@ def test_spec_limit_keeps_both_directions_and_every_subset(tmp_path):
         entries = [{"query": f"q{i}", "keys": ["a", "b"], "label": 0} for i in range(5)]
         (d / "image2text.json").write_text(json.dumps(entries))
         (d / "text2image.json").write_text(json.dumps(entries))
-    task = build_task({"type": "spec", "name": "spec", "path": str(tmp_path), "limit": 4})
+    task = build_task({"type": "spec", "name": "spec", "path": str(tmp_path), "limit": 4,
+                       "subsets": ["existence", "count"]})
     picked = {(it["subset"], it["direction"]) for it in task.limited_items()}
     assert picked == {(s, d) for s in ("existence", "count") for d in ("i2t", "t2i")}

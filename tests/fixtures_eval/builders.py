@@ -200,7 +200,7 @@ def scienceqa(root: Path) -> str:
 
 
 def spec(root: Path) -> Path:
-    """Two SPEC subsets with image2text.json / text2image.json ({query, keys, label})."""
+    """The six SPEC subsets (release folder names) with image2text.json / text2image.json ({query, keys, label})."""
     c = root / "count"
     save(c / "images" / "two.jpg", "white")
     save(c / "images" / "three.jpg", "black")
@@ -209,13 +209,20 @@ def spec(root: Path) -> Path:
         {"query": "images/three.jpg", "keys": ["three cats", "two cats"], "label": 0}]))
     (c / "text2image.json").write_text(json.dumps([
         {"query": "three cats", "keys": ["images/two.jpg", "images/three.jpg"], "label": 1}]))
-    p = root / "absolute_position"
+    p = root / "absolute_spatial"
     save(p / "left.jpg", "white")
     save(p / "cat.jpg", "black")
     (p / "image2text.json").write_text(json.dumps([
         {"query": "left.jpg", "keys": ["dogs on the right", "dogs on the left"], "label": 1}]))
     (p / "text2image.json").write_text(json.dumps([
         {"query": "two dogs on the right", "keys": ["left.jpg", "cat.jpg"], "label": 1}]))  # fake picks left.jpg: wrong
+    for sub in ("absolute_size", "relative_size", "relative_spatial", "existence"):  # one easy item per direction
+        d = root / sub
+        save(d / "dogs.jpg", "white")
+        save(d / "cats.jpg", "black")
+        (d / "image2text.json").write_text(json.dumps([
+            {"query": "dogs.jpg", "keys": ["two dogs on the left of a big tree", "a red ball"], "label": 0}]))
+        (d / "text2image.json").write_text(json.dumps([{"query": "three cats", "keys": ["dogs.jpg", "cats.jpg"], "label": 1}]))
     return root
 
 
@@ -232,9 +239,10 @@ def winoground(root: Path) -> str:
 
 def valse(root: Path) -> dict:
     save(root / "images" / "cats.jpg", "black")
-    counting = {"c1": {"image_file": "cats.jpg", "caption": "three cats", "foil": "two cats", "dataset": "x"},
-                "c2": {"image_file": "cats.jpg", "caption": "cats", "foil": "three cats", "dataset": "x"}}
-    existence = {"e1": {"image_file": "cats.jpg", "caption": "there are cats", "foil": "there are no cats"}}
+    ok = {"caption": 3, "foil": 0, "other": 0}
+    counting = {"c1": {"image_file": "cats.jpg", "caption": "three cats", "foil": "two cats", "dataset": "x", "mturk": ok},
+                "c2": {"image_file": "cats.jpg", "caption": "cats", "foil": "three cats", "dataset": "x", "mturk": ok}}
+    existence = {"e1": {"image_file": "cats.jpg", "caption": "there are cats", "foil": "there are no cats", "mturk": ok}}
     (root / "counting.json").write_text(json.dumps(counting))
     (root / "existence.json").write_text(json.dumps(existence))
     return {"counting": str(root / "counting.json"), "existence": str(root / "existence.json")}
