@@ -4,8 +4,9 @@
 Layout (the release's, wjpoom/SPEC `spec/dataset.py`): `path/<subset>/image2text.json` and
 `text2image.json`, lists of `{query, keys[K], label}`; image paths relative to the subset folder (or
 `image_root/<subset>`). Subsets: absolute_size, relative_size, absolute_spatial, relative_spatial,
-existence, count. All six are required unless `subsets:` names some; an unknown subset name, a
-missing subset folder, or a folder holding SPEC files under an unknown name is an error. A text's score given an image is its
+existence, count. All six are required unless `subsets:` names some; an unknown subset name or a
+missing subset folder is an error, and so (when `subsets:` is not given) is a folder holding SPEC
+files under a name SPEC does not have. A text's score given an image is its
 log-likelihood after a caption prompt (mean log-prob by default, `score: sum` to change).
 I2T: the image query picks the best of K texts; T2I: the text query picks the image under which it is
 most likely. Accuracy per subset and direction; headline = unweighted mean over subsets of (I2T+T2I)/2.
@@ -46,8 +47,9 @@ class SPECTask(Task):
         unknown = [s for s in subsets if s not in SUBSETS]
         if unknown:
             raise UserError(f"SPEC: unknown subset(s) {unknown} in `subsets`; SPEC's are {list(SUBSETS)}.")
-        strays = sorted(p.name for p in root.iterdir()
-                        if p.is_dir() and p.name not in SUBSETS and any((p / f).exists() for f in SPEC_FILES))
+        strays = [] if self.cfg.get("subsets") else sorted(
+            p.name for p in root.iterdir()
+            if p.is_dir() and p.name not in SUBSETS and any((p / f).exists() for f in SPEC_FILES))
         if strays:
             raise UserError(f"SPEC: {root} holds subset folder(s) {strays} that SPEC does not have (its subsets are "
                             f"{list(SUBSETS)}); rename them to the release's names.")
