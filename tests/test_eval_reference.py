@@ -208,6 +208,7 @@ def test_spec_unknown_or_missing_subset_is_an_error(tmp_path):
     (root / "absolute_spatial").rename(root / "absolute_position")   # the old, wrong folder name
     with pytest.raises(UserError, match="absolute_position"):
         build_task({"type": "spec", "name": "s", "path": str(root)}).items()
+    assert build_task({"type": "spec", "name": "s", "path": str(root), "subsets": ["count"]}).items()  # named: fine
     (root / "absolute_position").rename(tmp_path / "elsewhere")
     with pytest.raises(UserError, match="missing"):
         build_task({"type": "spec", "name": "s", "path": str(root)}).items()
