@@ -41,18 +41,23 @@ def ensure_env() -> None:
     stamp.write_text(digest)
 
 
-def ensure_chromium() -> None:
-    """The report test renders report.html in headless Chromium; install Debian's when missing (root + apt)."""
-    if shutil.which("chromium") or shutil.which("chromium-browser"):
+def ensure_test_packages() -> None:
+    """Debian packages some tests need, installed when missing and possible (root + apt-get): Chromium (the report
+    test renders report.html headless) and slurm-wlm + munge (the SLURM tests start a one-node cluster)."""
+    wanted = {"chromium": shutil.which("chromium") or shutil.which("chromium-browser"),
+              "slurm-wlm": shutil.which("sbatch") and Path("/usr/sbin/slurmctld").exists() and Path("/usr/sbin/slurmd").exists(),
+              "munge": Path("/usr/sbin/munged").exists()}
+    missing = [pkg for pkg, present in wanted.items() if not present]
+    if not missing:
         return
     apt = shutil.which("apt-get")
     if not apt or os.geteuid() != 0:
-        print("warning: chromium is not installed and cannot be installed here (needs root + apt-get); "
-              "the report's browser test will be skipped", flush=True)
+        print(f"warning: {', '.join(missing)} not installed and cannot be installed here (needs root + apt-get); "
+              "the report's browser test and the SLURM tests will be skipped", flush=True)
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     _run([apt, "-qq", "update"], env=env)
-    _run([apt, "-qq", "install", "-y", "--no-install-recommends", "chromium"], env=env)
+    _run([apt, "-qq", "install", "-y", "--no-install-recommends", *missing], env=env)
 
 
 def main(argv: list[str]) -> None:
@@ -61,7 +66,7 @@ def main(argv: list[str]) -> None:
     ensure_env()
     job, rest = argv[0], argv[1:]
     if job == "test":
-        ensure_chromium()
+        ensure_test_packages()
         _run([PY, "-m", "pytest", "-n", "2", "--dist", "loadfile", *rest])
     elif job == "demo":
         _run([BIN / "vlm", "demo", *rest])

@@ -1,0 +1,236 @@
+"""A real one-node SLURM cluster for tests: Debian's `slurm-wlm` with `munge`, configured in a temporary dir.
+
+`start_cluster(folder)` writes a key for munged and a slurm.conf, starts munged, slurmctld and slurmd (all as
+root, all state, sockets, logs and pid files inside `folder`, on free ports so nothing on the machine is
+touched), waits until `sinfo` reports the node idle and returns a `Cluster`; `Cluster.stop()` stops every
+daemon it started. Client commands (sbatch, squeue, scontrol, sacct) find the cluster through `SLURM_CONF`.
+
+Partitions (all on the one node):
+  debug   the default; no time limit
+  short   MaxTime=1 minute, for time-limit tests (a job's `--signal=USR2@N` arrives up to 60 s before the limit,
+          slurmctld checks limits every 30 s)
+`JobRequeue=1` lets jobs requeue themselves (`scontrol requeue`, which submitit's checkpointing calls).
+Preemption: `PreemptType=preempt/partition_prio` with `PreemptMode=REQUEUE`; the `urgent` partition's jobs
+preempt the others', which get `GraceTime=30` s and, with `SlurmctldParameters=preempt_send_user_signal`, the
+job's `--signal` at the start of that grace time.
+
+`available()` says why a cluster cannot be started here (None when it can); `ensure_installed()` installs the
+packages with apt-get when running as root (dev.py calls it before the tests in CI).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGES = ("slurm-wlm", "munge")
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel")
+
+
+def _missing() -> list[str]:
+    return [c for c in (*DAEMONS, *CLIENTS) if not (shutil.which(c) or Path("/usr/sbin", c).exists())]
+
+
+def ensure_installed(echo=print) -> bool:
+    """Install slurm-wlm and munge with apt-get when missing and possible (root + apt); True when present."""
+    if not _missing():
+        return True
+    apt = shutil.which("apt-get")
+    if not apt or os.geteuid() != 0:
+        return False
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    echo(f"+ apt-get install {' '.join(PACKAGES)}")
+    if subprocess.call([apt, "-qq", "update"], env=env) != 0:
+        return False
+    if subprocess.call([apt, "-qq", "install", "-y", "--no-install-recommends", *PACKAGES], env=env) != 0:
+        return False
+    return not _missing()
+
+
+def available() -> str | None:
+    """None when a test cluster can be started here, else the reason it cannot."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "a test SLURM cluster needs root (munged, slurmctld and slurmd run as root); CI runs as root"
+    missing = _missing()
+    if missing:
+        return (f"SLURM is not installed ({', '.join(missing)} missing); `python3 dev.py test` installs Debian's "
+                "slurm-wlm and munge when run as root with apt-get")
+    return None
+
+
+def _exe(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _node_line() -> str:
+    """This machine's hardware as slurmd sees it (`slurmd -C`), e.g. `NodeName=vm CPUs=2 ... RealMemory=24105`."""
+    out = subprocess.run([_exe("slurmd"), "-C"], capture_output=True, text=True, check=True).stdout
+    return next(line for line in out.splitlines() if line.startswith("NodeName="))
+
+
+@dataclass
+class Cluster:
+    folder: Path
+    conf: Path
+    node: str
+    env: dict[str, str]
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        """A SLURM client command against this cluster; returns stdout."""
+        res = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited with {res.returncode}: {res.stderr.strip()}")
+        return res.stdout
+
+    def node_state(self) -> str:
+        """`idle`, `mixed`, `allocated`, `down`, ... (the node is listed once per partition; those agree)."""
+        states = set(self.run("sinfo", "-h", "-N", "-o", "%T", check=False).split())
+        return ",".join(sorted(states))
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("slurmctld", "slurmd", "munged"):
+            path = self.folder / f"{name}.log"
+            if path.exists():
+                parts.append(f"--- {name}.log (tail)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-30:]))
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        """Stop slurmd, slurmctld and munged (in that order) and wait until each has exited."""
+        for name in reversed(DAEMONS):
+            pid = self.pids.pop(name, None)
+            if pid is None:
+                continue
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.time() + 15
+            while time.time() < deadline and _alive(pid):
+                time.sleep(0.1)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def _read_pid(path: Path, timeout: float) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text().split()[0])
+        time.sleep(0.05)
+    raise RuntimeError(f"no pid file {path} after {timeout:.0f} s")
+
+
+def write_config(folder: Path) -> tuple[Path, str, dict[str, str]]:
+    """munge key, slurm.conf and the client environment for a cluster living in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for sub in ("state", "spool", "munge"):
+        (folder / sub).mkdir(exist_ok=True)
+    os.chmod(folder / "munge", 0o755)
+    key = folder / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    os.chmod(key, 0o400)
+    node_line = _node_line()
+    node = node_line.split()[0].split("=", 1)[1]
+    fields = {kv.split("=", 1)[0]: kv.split("=", 1)[1] for kv in node_line.split()}
+    ctld_port, slurmd_port = _free_ports(2)
+    conf = folder / "slurm.conf"
+    conf.write_text(f"""\
+ClusterName=vlmtest
+SlurmctldHost={node}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={folder / 'munge' / 'munge.socket'},cred_expire=10
+StateSaveLocation={folder / 'state'}
+SlurmdSpoolDir={folder / 'spool'}
+SlurmctldPidFile={folder / 'slurmctld.pid'}
+SlurmdPidFile={folder / 'slurmd.pid'}
+SlurmctldLogFile={folder / 'slurmctld.log'}
+SlurmdLogFile={folder / 'slurmd.log'}
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+MailProg=/bin/true
+SwitchType=switch/none
+ReturnToService=2
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+JobRequeue=1
+KillWait=10
+MinJobAge=600
+InactiveLimit=0
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
+NodeName={node} CPUs={fields['CPUs']} RealMemory={int(fields['RealMemory']) * 9 // 10} State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=short Nodes={node} MaxTime=1 State=UP PriorityTier=1 GraceTime=30
+PartitionName=urgent Nodes={node} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+""")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    return conf, node, env
+
+
+def start_cluster(folder: Path, timeout: float = 60.0) -> Cluster:
+    """Start munged, slurmctld and slurmd for a cluster in `folder`; wait until the node is idle."""
+    conf, node, env = write_config(Path(folder))
+    folder = Path(folder)
+    cluster = Cluster(folder=folder, conf=conf, node=node, env=env)
+    try:
+        m = folder / "munge"
+        subprocess.run([_exe("munged"), "--force", f"--key-file={m / 'munge.key'}", f"--socket={m / 'munge.socket'}",
+                        f"--pid-file={m / 'munged.pid'}", f"--seed-file={m / 'munged.seed'}",
+                        f"--log-file={folder / 'munged.log'}"], env=env, check=True, capture_output=True)
+        cluster.pids["munged"] = _read_pid(m / "munged.pid", 10)
+        subprocess.run([_exe("slurmctld"), "-f", str(conf), "-i"], env=env, check=True, capture_output=True)
+        cluster.pids["slurmctld"] = _read_pid(folder / "slurmctld.pid", 20)
+        subprocess.run([_exe("slurmd"), "-f", str(conf)], env=env, check=True, capture_output=True)
+        cluster.pids["slurmd"] = _read_pid(folder / "slurmd.pid", 20)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if cluster.node_state() == "idle":
+                return cluster
+            time.sleep(0.5)
+        raise RuntimeError(f"node {node} not idle after {timeout:.0f} s (sinfo: {cluster.node_state()!r})\n{cluster.logs()}")
+    except BaseException:
+        cluster.stop()
+        raise
