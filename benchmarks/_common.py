@@ -68,7 +68,7 @@ def freeze_policy(modes: dict[str, str]) -> dict:
     """A freeze policy with the recipe schema's defaults (`vlm.recipe.ModulePolicy`)."""
     from dataclasses import asdict
 
-    from vlm.recipe import ModulePolicy
+    from vlm.recipe.schema import ModulePolicy
 
     return {m: asdict(ModulePolicy(mode=mode)) for m, mode in modes.items()}
 
@@ -76,13 +76,13 @@ def freeze_policy(modes: dict[str, str]) -> dict:
 def optim_cfg(lr: float = 2e-5) -> dict:
     from dataclasses import asdict
 
-    from vlm.recipe import Optim
+    from vlm.recipe.schema import Optim
 
     return {**asdict(Optim()), "lr": lr}
 
 
 def build(model_cfg: dict, seed: int = 0) -> Any:
-    from vlm.model import build_vlm
+    from vlm.model.vlm import build_vlm
 
     torch.manual_seed(seed)
     return build_vlm(model_cfg)
@@ -110,7 +110,7 @@ def random_images(n: int, size: int, seed: int) -> tuple[list[Any], list[str]]:
 def make_batch(vlm: Any, batch: int, prompt_tokens: int, answer_tokens: int, seed: int = 0, image_px: int = 256) -> dict:
     """A training micro-batch as `vlm.data.collate` makes it (what `vlm.train.train_step` consumes): equal-length
     samples `[text-start, <image> x N', prompt, answer]`, labels on the answer only, one random PIL image each."""
-    from vlm.data import collate
+    from vlm.data.datasets import collate
 
     g = torch.Generator().manual_seed(seed)
     n_img = vlm.num_image_tokens

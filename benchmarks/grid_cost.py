@@ -65,8 +65,8 @@ def derived_grid(src: Path, dest: Path, extra: dict[str, Any]) -> Path:
 
 
 def stage_names(grid_path: Path) -> list[str]:
-    from vlm.grid import resolve_point
-    from vlm.grid_spec import load_grid
+    from vlm.grid.points import resolve_point
+    from vlm.grid.spec import load_grid
 
     grid = load_grid(grid_path)
     cfg = resolve_point(grid, grid.points()[0])
@@ -75,7 +75,7 @@ def stage_names(grid_path: Path) -> list[str]:
 
 def run_shared(grid_path: Path, work: Path, extra: dict[str, Any]) -> list[Path]:
     """`vlm grid` (one worker): shared artifact store GRID_DIR/artifacts and one feature cache for all points."""
-    from vlm.grid import launch
+    from vlm.grid.points import launch
 
     src = derived_grid(grid_path, work / "grid_src.yaml", {**extra, "run.feature_cache_dir": str(work / "features")})
     out = launch(src, work / "grid", workers=1, echo=lambda m: print(f"  [shared] {m}", flush=True))
@@ -87,9 +87,9 @@ def run_shared(grid_path: Path, work: Path, extra: dict[str, Any]) -> list[Path]
 
 def run_independent(grid_path: Path, work: Path, extra: dict[str, Any]) -> list[Path]:
     """Every point as its own `vlm train` (+ `vlm eval`), artifact store inside its run dir, feature cache off."""
-    from vlm.grid import plan_grid
-    from vlm.grid_exec import default_cli, point_commands
-    from vlm.grid_spec import load_grid
+    from vlm.grid.executors import default_cli, point_commands
+    from vlm.grid.points import plan_grid
+    from vlm.grid.spec import load_grid
 
     off = {f"stages.{n}.feature_cache": False for n in stage_names(grid_path)}
     src = derived_grid(grid_path, work / "grid_src.yaml", {**extra, **off})

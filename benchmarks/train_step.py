@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import _common as C  # noqa: E402
-from vlm.train import DTYPES  # noqa: E402
+from vlm.train.steps import DTYPES  # noqa: E402
 
 ENCODERS = {  # stage-1 encoder choices: the default keeps the CPU run short; larger ones show where caching pays
     "dinov2s": C.clip_vision(384, 12, 6, 224, 14),
@@ -47,8 +47,8 @@ class OurStep:
     def __init__(self, vlm: Any, modes: dict[str, str], precision: str, lr: float = 2e-5, total_steps: int = 1000):
         from accelerate import Accelerator
 
-        from vlm.freeze import apply_policy
-        from vlm.train import _lr_lambda, build_optimizer
+        from vlm.recipe.freeze import apply_policy
+        from vlm.train.steps import _lr_lambda, build_optimizer
 
         self.vlm, self.freeze, self.optim = vlm, C.freeze_policy(modes), C.optim_cfg(lr)
         self.acc = Accelerator(cpu=vlm.device.type == "cpu")
@@ -61,7 +61,7 @@ class OurStep:
         self.last_loss = float("nan")
 
     def __call__(self, micro_batches: list[dict], cache: Any = None) -> float:
-        from vlm.train import train_step
+        from vlm.train.steps import train_step
 
         stats = train_step(self.model, micro_batches, self.optimizer, self.scheduler, self.acc, vlm=self.vlm,
                            freeze=self.freeze, max_grad_norm=self.optim["max_grad_norm"], dtype=self.dtype,
@@ -78,7 +78,7 @@ class HFStep:
 
     def __init__(self, hf: Any, preprocess: Callable[[list[Any]], torch.Tensor], precision: str, lr: float = 2e-5,
                  total_steps: int = 1000) -> None:
-        from vlm.train import _lr_lambda
+        from vlm.train.steps import _lr_lambda
 
         self.hf, self.preprocess = hf, preprocess
         for p in hf.model.vision_tower.parameters():
@@ -114,7 +114,7 @@ def tokens_per_step(batch: dict) -> int:
 
 
 def stage2(args: argparse.Namespace, model_cfg: dict) -> tuple[list[list[Any]], float, dict]:
-    from vlm.hf_llava import to_hf_llava
+    from vlm.model.hf_llava import to_hf_llava
 
     vlm = C.build(model_cfg).to(args.device)
     hf = to_hf_llava(vlm).to(args.device)
@@ -154,7 +154,7 @@ def stage2(args: argparse.Namespace, model_cfg: dict) -> tuple[list[list[Any]], 
 
 
 def stage1(args: argparse.Namespace, model_cfg: dict) -> tuple[list[list[Any]], float, dict]:
-    from vlm.feature_cache import FeatureCache
+    from vlm.train.feature_cache import FeatureCache
 
     vlm = C.build(model_cfg).to(args.device)
     batch = C.make_batch(vlm, args.batch, 4, args.caption_tokens, seed=2)

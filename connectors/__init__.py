@@ -1,7 +1,7 @@
 """Connectors (projectors and token reducers): `[B, N, Dv] → [B, N', Dllm]`.
 
     from connectors import build_connector
-    proj = build_connector({"type": "mlp", "depth": 2}, vision_dim=1024, llm_dim=4096, num_tokens=576, grid_size=(24, 24))
+    proj = build_connector({"type": "mlp", "depth": 2}, vision_dim=1024, llm_dim=4096, num_tokens=576, patch_grid_size=(24, 24))
 """
 from __future__ import annotations
 
@@ -11,21 +11,14 @@ from torch import nn
 
 from vlm.registry import Registry
 
-CONNECTORS: Registry[nn.Module] = Registry("connector")
+CONNECTORS: Registry[nn.Module] = Registry("connector", plugins="connectors")
 register_connector = CONNECTORS.register
 
 
 def build_connector(cfg: Mapping[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-                    grid_size: tuple[int, int] | None = None) -> nn.Module:
+                    patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     """Every connector module exposes `num_output_tokens: int` after construction."""
-    import importlib
-    import pkgutil
-
-    import connectors
-
-    for mod in pkgutil.iter_modules(connectors.__path__):
-        importlib.import_module(f"connectors.{mod.name}")
-    return CONNECTORS.build(cfg, vision_dim=vision_dim, llm_dim=llm_dim, num_tokens=num_tokens, grid_size=grid_size)
+    return CONNECTORS.build(cfg, vision_dim=vision_dim, llm_dim=llm_dim, num_tokens=num_tokens, patch_grid_size=patch_grid_size)
 
 
 __all__ = ["CONNECTORS", "build_connector", "register_connector"]

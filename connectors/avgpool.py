@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from connectors import register_connector
-from connectors._grid import build_projector, check_grid
+from connectors._patch_grid import build_projector, check_patch_grid
 
 
 class AvgPoolConnector(nn.Module):
-    def __init__(self, grid: tuple[int, int], factor: int, projector: nn.Module) -> None:
+    def __init__(self, patch_grid: tuple[int, int], factor: int, projector: nn.Module) -> None:
         super().__init__()
-        self.grid, self.factor = grid, factor
+        self.patch_grid, self.factor = patch_grid, factor
         self.projector = projector
         self.num_output_tokens = projector.num_output_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        rows, cols = self.grid
+        rows, cols = self.patch_grid
         grid = x.transpose(1, 2).reshape(b, d, rows, cols)
         pooled = F.avg_pool2d(grid, kernel_size=self.factor, stride=self.factor)
         return self.projector(pooled.flatten(2).transpose(1, 2))
@@ -31,10 +31,10 @@ class AvgPoolConnector(nn.Module):
 
 @register_connector("avgpool")
 def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-          grid_size: tuple[int, int] | None = None) -> nn.Module:
+          patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     factor = cfg.get("factor", 2)
-    rows, cols = check_grid("avgpool", grid_size, num_tokens, factor)
+    rows, cols = check_patch_grid("avgpool", patch_grid_size, num_tokens, factor)
     out_grid = (rows // factor, cols // factor)
     projector = build_projector(cfg.get("projector"), in_dim=vision_dim, llm_dim=llm_dim,
-                                num_tokens=out_grid[0] * out_grid[1], grid_size=out_grid)
+                                num_tokens=out_grid[0] * out_grid[1], patch_grid_size=out_grid)
     return AvgPoolConnector((rows, cols), factor, projector)

@@ -30,5 +30,5 @@ class FusedGeluMLP(nn.Module):
 
 @register_connector("fused_gelu_mlp")
 def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-          grid_size: tuple[int, int] | None = None) -> nn.Module:
+          patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     return FusedGeluMLP(vision_dim, llm_dim, num_tokens)

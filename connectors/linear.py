@@ -21,5 +21,5 @@ class LinearConnector(nn.Module):
 
 @register_connector("linear")
 def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-          grid_size: tuple[int, int] | None = None) -> nn.Module:
+          patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     return LinearConnector(vision_dim, llm_dim, num_tokens)

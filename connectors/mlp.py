@@ -31,13 +31,13 @@ class MLPConnector(nn.Module):
 
 @register_connector("mlp")
 def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-          grid_size: tuple[int, int] | None = None) -> nn.Module:
+          patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     return MLPConnector(vision_dim, llm_dim, num_tokens, depth=cfg.get("depth", 2))
 
 
 @register_connector("mlp2x_gelu")
 def build_mlp2x_gelu(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-                     grid_size: tuple[int, int] | None = None) -> nn.Module:
+                     patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     if cfg.get("depth", 2) != 2:
         raise UserError(f"connector mlp2x_gelu has depth 2 by definition, got depth={cfg['depth']!r}; use type: mlp.")
     return MLPConnector(vision_dim, llm_dim, num_tokens, depth=2)

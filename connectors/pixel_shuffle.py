@@ -11,19 +11,19 @@ import torch
 from torch import nn
 
 from connectors import register_connector
-from connectors._grid import build_projector, check_grid
+from connectors._patch_grid import build_projector, check_patch_grid
 
 
 class PixelShuffleConnector(nn.Module):
-    def __init__(self, grid: tuple[int, int], factor: int, projector: nn.Module) -> None:
+    def __init__(self, patch_grid: tuple[int, int], factor: int, projector: nn.Module) -> None:
         super().__init__()
-        self.grid, self.factor = grid, factor
+        self.patch_grid, self.factor = patch_grid, factor
         self.projector = projector
         self.num_output_tokens = projector.num_output_tokens
 
     def space_to_depth(self, x: torch.Tensor) -> torch.Tensor:
         b, _, d = x.shape
-        (rows, cols), f = self.grid, self.factor
+        (rows, cols), f = self.patch_grid, self.factor
         x = x.reshape(b, rows // f, f, cols // f, f, d).permute(0, 1, 3, 2, 4, 5)
         return x.reshape(b, (rows // f) * (cols // f), f * f * d)
 
@@ -33,10 +33,10 @@ class PixelShuffleConnector(nn.Module):
 
 @register_connector("pixel_shuffle")
 def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-          grid_size: tuple[int, int] | None = None) -> nn.Module:
+          patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     factor = cfg.get("factor", 2)
-    rows, cols = check_grid("pixel_shuffle", grid_size, num_tokens, factor)
+    rows, cols = check_patch_grid("pixel_shuffle", patch_grid_size, num_tokens, factor)
     out_grid = (rows // factor, cols // factor)
     projector = build_projector(cfg.get("projector"), in_dim=vision_dim * factor * factor, llm_dim=llm_dim,
-                                num_tokens=out_grid[0] * out_grid[1], grid_size=out_grid)
+                                num_tokens=out_grid[0] * out_grid[1], patch_grid_size=out_grid)
     return PixelShuffleConnector((rows, cols), factor, projector)

@@ -48,7 +48,7 @@ class Resampler(nn.Module):
 
 @register_connector("resampler")
 def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-          grid_size: tuple[int, int] | None = None) -> nn.Module:
+          patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     num_queries, depth, heads = cfg.get("num_queries", 64), cfg.get("depth", 2), cfg.get("heads", 8)
     dim = cfg.get("dim", llm_dim)
     for key, value in (("num_queries", num_queries), ("depth", depth), ("heads", heads), ("dim", dim)):

@@ -10,24 +10,12 @@ from typing import Any, Mapping
 from encoders.base import PixelInputs, VisionEncoder
 from vlm.registry import Registry
 
-ENCODERS: Registry[VisionEncoder] = Registry("encoder")
+ENCODERS: Registry[VisionEncoder] = Registry("encoder", plugins="encoders")
 register_encoder = ENCODERS.register
 
 
 def build_encoder(cfg: Mapping[str, Any]) -> VisionEncoder:
-    _import_families()
     return ENCODERS.build(cfg)
-
-
-def _import_families() -> None:
-    import importlib
-    import pkgutil
-
-    import encoders
-
-    for mod in pkgutil.iter_modules(encoders.__path__):
-        if mod.name not in {"base"}:
-            importlib.import_module(f"encoders.{mod.name}")
 
 
 __all__ = ["ENCODERS", "PixelInputs", "VisionEncoder", "build_encoder", "register_encoder"]

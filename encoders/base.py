@@ -53,7 +53,7 @@ class VisionEncoder(nn.Module):
         raise NotImplementedError
 
     @property
-    def grid_size(self) -> tuple[int, int] | None:
+    def patch_grid_size(self) -> tuple[int, int] | None:
         """(rows, cols) of the patch grid when the tokens form one (needed by 2-D reducers)."""
         return None
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from encoders.base import SELECT_TOKENS
 from vlm.errors import UserError
+from vlm.world.zoo.catalogue import maybe_resolve
 
 COMMON_KEYS = frozenset({
     "type", "path", "config", "image_size", "resize", "interpolation", "mean", "std",
@@ -42,12 +43,7 @@ def resolve_path(path: Any, family: str) -> str | None:
         return None
     if not isinstance(path, (str, Path)):
         raise UserError(f"encoder '{family}': 'path' must be a string (hub id, local dir or zoo:<name>), got {path!r}.")
-    path = str(path)
-    if path.startswith("zoo:"):
-        from vlm.zoo import resolve
-
-        return str(resolve(path))
-    return path
+    return str(maybe_resolve(str(path)))
 
 
 def torch_dtype(name: Any, family: str) -> torch.dtype | None:

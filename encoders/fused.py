@@ -4,7 +4,7 @@
 
 Each sub-encoder keeps its own transform, so `preprocess` returns `{"enc0": pixels, "enc1": ...}`.
 Every sub-encoder must return a patch grid (`select_tokens: patch`). Grids are resampled to
-`grid_size` (default: the smallest grid) by adaptive average pooling when shrinking and bilinear
+`patch_grid_size` (default: the smallest grid) by adaptive average pooling when shrinking and bilinear
 interpolation otherwise. `mode: channel` concatenates features (Prismatic's DINOv2+SigLIP:
 `D = D0 + D1`, `N = rows * cols`); `mode: sequence` concatenates tokens (`N = k * rows * cols`,
 all widths must match).
@@ -25,11 +25,11 @@ from encoders.base import PixelInputs, VisionEncoder
 from encoders.common import as_hw, check_keys
 from vlm.errors import UserError
 
-KEYS = {"type", "encoders", "mode", "grid_size"}
+KEYS = {"type", "encoders", "mode", "patch_grid_size"}
 MODES = ("channel", "sequence")
 
 
-def resample_grid(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+def resample_patch_grid(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
     """`[B, h*w, D]` tokens on a `grid` → `[B, H*W, D]` on `target` (area pooling down, bilinear up)."""
     if grid == target:
         return tokens
@@ -58,12 +58,12 @@ class FusedEncoder(VisionEncoder):
             raise UserError(f"encoder 'fused': mode {self.mode!r} is not one of {', '.join(MODES)}.")
         self.encoders = nn.ModuleList([build_encoder(dict(s)) for s in subs])
         for i, e in enumerate(self.encoders):
-            if e.grid_size is None:
+            if e.patch_grid_size is None:
                 raise UserError(f"encoder 'fused': encoders[{i}] ({e.cfg.get('type')}) returns no patch grid "
                                 f"(select_tokens={e.select_tokens!r}); fused encoders need select_tokens: patch.")
-        grids = [e.grid_size for e in self.encoders]
+        grids = [e.patch_grid_size for e in self.encoders]
         smallest = min(grids, key=lambda g: g[0] * g[1])
-        self.target = as_hw(cfg["grid_size"], "fused", "grid_size") if cfg.get("grid_size") is not None else smallest
+        self.target = as_hw(cfg["patch_grid_size"], "fused", "patch_grid_size") if cfg.get("patch_grid_size") is not None else smallest
         widths = [e.hidden_size for e in self.encoders]
         if self.mode == "sequence" and len(set(widths)) > 1:
             raise UserError(f"encoder 'fused': mode 'sequence' needs equal widths, got {widths}; use mode: channel.")
@@ -81,7 +81,7 @@ class FusedEncoder(VisionEncoder):
     def forward(self, pixels: PixelInputs) -> torch.Tensor:
         if not isinstance(pixels, Mapping) or set(pixels) != set(self.keys):
             raise ValueError(f"fused encoder expects a dict with keys {self.keys} (from its preprocess)")
-        feats = [resample_grid(e(pixels[k]), e.grid_size, self.target) for k, e in zip(self.keys, self.encoders)]
+        feats = [resample_patch_grid(e(pixels[k]), e.patch_grid_size, self.target) for k, e in zip(self.keys, self.encoders)]
         dtype = functools.reduce(torch.promote_types, [f.dtype for f in feats])
         feats = [f.to(dtype) for f in feats]
         return torch.cat(feats, dim=-1 if self.mode == "channel" else 1)
@@ -92,7 +92,7 @@ class FusedEncoder(VisionEncoder):
         return n if self.mode == "channel" else n * len(self.encoders)
 
     @property
-    def grid_size(self) -> tuple[int, int] | None:
+    def patch_grid_size(self) -> tuple[int, int] | None:
         return self.target if self.mode == "channel" else None
 
     def blocks(self) -> nn.ModuleList:

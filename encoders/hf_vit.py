@@ -137,7 +137,7 @@ class HFViTEncoder(VisionEncoder):
         return {"patch": self.num_patches, "cls_patch": 1 + self.num_patches, "cls": 1}[self.select_tokens]
 
     @property
-    def grid_size(self) -> tuple[int, int] | None:
+    def patch_grid_size(self) -> tuple[int, int] | None:
         if self.select_tokens != "patch":
             return None
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size

@@ -131,7 +131,7 @@ class TimmEncoder(VisionEncoder):
         if h * w != self._num_patches:
             raise UserError(f"encoder 'timm': {self._num_patches} patch tokens do not form the expected {h}x{w} grid; "
                             "check has_cls / num_register_tokens.")
-        self._grid = (int(h), int(w))
+        self._patch_grid = (int(h), int(w))
 
     def _backbone_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, prefix + patches, D]` (ViT) or `[B, h*w, C]` (CNN) at the selected block/stage."""
@@ -155,8 +155,8 @@ class TimmEncoder(VisionEncoder):
         return {"patch": self._num_patches, "cls_patch": 1 + self._num_patches, "cls": 1}[self.select_tokens]
 
     @property
-    def grid_size(self) -> tuple[int, int] | None:
-        return self._grid if self.select_tokens == "patch" else None
+    def patch_grid_size(self) -> tuple[int, int] | None:
+        return self._patch_grid if self.select_tokens == "patch" else None
 
     def blocks(self) -> nn.ModuleList:
         """ViT blocks; for a CNN its stage container (`blocks`/`stages`/`layers`) or else its feature stages."""

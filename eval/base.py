@@ -18,7 +18,7 @@ from vlm.errors import UserError
 from vlm.io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from vlm.registry import Registry
 
-TASKS: Registry["Task"] = Registry("eval task")
+TASKS: Registry["Task"] = Registry("eval task", plugins="eval", skip=("lm_eval", "runner"))
 
 FAMILIES = ("fine_grained", "general", "diagnostic", "probe")
 

@@ -19,6 +19,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from vlm.loading import load_vlm
+
 IMAGE = "<image>"
 
 
@@ -41,8 +43,6 @@ class VLMAblateLM(LM):
                  **_: Any) -> None:
         super().__init__()
         if model is None or isinstance(model, str):
-            from vlm import load_vlm
-
             model = load_vlm(run or model)
         self.model = model
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8

@@ -1,4 +1,4 @@
-"""Run eval tasks on a model and gather results; the `vlm eval` command.
+"""Run eval tasks on a model and gather results (the library side of `vlm eval`, see `vlm.cli.eval`).
 
     vlm eval RUN_DIR                                   # the tasks of RUN_DIR/recipe.yaml `eval.tasks`
     vlm eval RUN_DIR --tasks flowers102,pope           # other tasks, results into the run dir
@@ -12,10 +12,10 @@ than at general VQA, the usual case).
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 from pathlib import Path
 from typing import Any, Sequence
+
+from omegaconf import OmegaConf
 
 from eval.base import TASKS, Task
 from vlm.errors import UserError
@@ -25,8 +25,6 @@ RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "eval"
 
 
 def _load_yaml(path: Path) -> Any:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
@@ -62,19 +60,8 @@ def resolve_task(spec: str | dict[str, Any], _seen: tuple[str, ...] = ()) -> dic
     return spec
 
 
-def _import_task_modules() -> None:
-    """Every module of the `eval` package registers its tasks on import (a new task is one new file)."""
-    import pkgutil
-
-    import eval as package
-
-    for mod in pkgutil.iter_modules(package.__path__):
-        if not mod.name.startswith(("lm_eval", "runner", "__")):
-            importlib.import_module(f"eval.{mod.name}")
-
-
 def build_task(cfg: dict[str, Any]) -> Task:
-    _import_task_modules()
+    """A task from its config; every module of the `eval` package registers its tasks (a new task is one new file)."""
     return TASKS.build(cfg)
 
 
@@ -109,44 +96,3 @@ def evaluate(model: Any, tasks_cfg: Sequence[str | dict[str, Any]], out_dir: str
         results.update(summarize(results["tasks"]))
         atomic_write_json(results_path, results)
     return results
-
-
-def configure_eval(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", nargs="?", help="a run dir (model, eval.tasks of its recipe.yaml, output)")
-    parser.add_argument("--model", help="a model spec for load_vlm (hf-llava:<dir>, a recipe, zoo:<name>)")
-    parser.add_argument("--tasks", help="comma-separated task recipe names (recipes/eval/*.yaml) or YAML files")
-    parser.add_argument("--out", help="output dir (default: the run dir)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
-    parser.add_argument("--overwrite", action="store_true", help="discard earlier predictions of these tasks")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    if bool(args.run_dir) == bool(args.model):
-        raise UserError("give either a RUN_DIR or --model SPEC (not both, not neither): "
-                        "`vlm eval RUN_DIR` or `vlm eval --model SPEC --tasks a,b --out DIR`.")
-    tasks: list[Any]
-    if args.tasks:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    elif args.run_dir:
-        recipe = Path(args.run_dir) / "recipe.yaml"
-        if not recipe.exists():
-            raise UserError(f"{args.run_dir} has no recipe.yaml; is it a run dir? Or pass --tasks.")
-        tasks = list(((_load_yaml(recipe) or {}).get("eval") or {}).get("tasks") or [])
-        if not tasks:
-            raise UserError(f"{recipe} lists no `eval: {{tasks: [...]}}`; pass --tasks a,b.")
-    else:
-        raise UserError("--model needs --tasks a,b (task recipe names from recipes/eval/).")
-    out = args.out or args.run_dir
-    if not out:
-        raise UserError("--model needs --out DIR for the results.")
-    from vlm import load_vlm
-
-    model = load_vlm(args.run_dir or args.model)
-    results = evaluate(model, tasks, out, batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite)
-    for name, t in results["tasks"].items():
-        print(f"{name:24s} {t['headline']:>22s} = {t['score']:.4f}")
-    for key in ("fine_grained", "general", "gap"):
-        if results.get(key) is not None:
-            print(f"{key:24s} {'':>22s}   {results[key]:.4f}")
-    return 0

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from vlm.chat import IGNORE_INDEX, tokenize_caption, tokenize_conversation, tokenize_prompt
 from vlm.errors import UserError
-from vlm.llm import add_image_token
-from vlm.testing import builtin_tokenizer
+from vlm.model.chat import IGNORE_INDEX, tokenize_caption, tokenize_conversation, tokenize_prompt
+from vlm.model.llm import add_image_token
+from vlm.model.tokenizers import builtin_tokenizer
 
 SYS = "You are a careful assistant."
 CONV = [

@@ -12,7 +12,7 @@ DV, DL = 12, 16
 
 
 def build(cfg, num_tokens=16, grid=(4, 4), vision_dim=DV):
-    return build_connector(cfg, vision_dim=vision_dim, llm_dim=DL, num_tokens=num_tokens, grid_size=grid)
+    return build_connector(cfg, vision_dim=vision_dim, llm_dim=DL, num_tokens=num_tokens, patch_grid_size=grid)
 
 
 @pytest.mark.parametrize("cfg,n_out", [

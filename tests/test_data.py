@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm.data import (IGNORE_INDEX, TrainSet, build_mixture, collate, epoch_batches, load_source, micro_batch)
+from vlm.data.datasets import IGNORE_INDEX, TrainSet, build_mixture, collate, epoch_batches, load_source, micro_batch
 from vlm.errors import UserError
-from vlm.recipe import Dataset, _check_dataclass
+from vlm.recipe.schema import Dataset, _check_dataclass
 
 CONV = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
 
@@ -77,7 +77,7 @@ def test_bad_json_inside_an_array_names_the_line(files):
 
 @pytest.fixture(scope="module")
 def tok():
-    from vlm.llm import build_llm
+    from vlm.model.llm import build_llm
     from vlm.testing import tiny_llm_config
 
     llm = build_llm({"config": tiny_llm_config("qwen2"), "tokenizer": "builtin:chatml"})
@@ -149,7 +149,7 @@ def test_pixmo_and_sharegpt_shaped_local_files(files):
 
 
 def test_mixture_weights_and_caps():
-    from vlm.data import Record, Source
+    from vlm.data.datasets import Record, Source
 
     src = {n: Source(n, [Record(f"{n}{i}", [], [], "") for i in range(10)]) for n in ("a", "b")}
     mix = build_mixture([{"dataset": "a", "weight": 2.0, "max_samples": None},
@@ -178,8 +178,8 @@ def test_batch_plans_are_deterministic_disjoint_and_length_grouped():
 
 def test_skipped_samples_are_counted_in_metrics(files, tmp_path):
     from vlm.io import read_jsonl
-    from vlm.recipe import load_recipe
-    from vlm.train import train
+    from vlm.recipe.schema import load_recipe
+    from vlm.train.steps import train
 
     recs = [_rec(i, f"ok{i % 3}.png") for i in range(6)] + [_rec(6, "broken.png"), _rec(7, "gone.png")]
     (files / "d.json").write_text(json.dumps(recs))
@@ -220,7 +220,7 @@ def test_hf_image_feature_column(files):
     rec = src.records[0]
     assert rec.messages[1] == {"role": "assistant", "content": "Red."}
     assert isinstance(rec.images[0], bytes)  # kept encoded, decoded when the sample is loaded
-    from vlm.data import open_image
+    from vlm.data.datasets import open_image
 
     assert open_image(rec.images[0]).tobytes() == im.tobytes()
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlm import demo
 from vlm.cli import main as cli_main
 from vlm.errors import UserError
-from vlm.grid_spec import load_grid
+from vlm.grid.spec import load_grid
+from vlm.world import demo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,7 @@ def world_cache(tmp_path_factory):
 
 @pytest.mark.parametrize("grid_file", ["demo.yaml", "demo_full.yaml", "quick"])
 def test_every_demo_point_is_a_valid_recipe(world_cache, tmp_path, grid_file):
-    from vlm.grid import plan_grid
+    from vlm.grid.points import plan_grid
 
     if grid_file == "quick":
         path = tmp_path / "demo_quick.yaml"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMod
 from encoders import build_encoder
 from encoders.transforms import ImageTransform
 from vlm.errors import UserError
+from vlm.world.zoo import catalogue
 
 REPO = Path(__file__).resolve().parents[1]
 VIT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=7)
@@ -56,7 +56,7 @@ def test_token_counts(family, mode, expected):
         out = e(pixels())
     assert out.shape == (2, expected, 32)
     assert e.num_tokens == expected and e.hidden_size == 32
-    assert e.grid_size == ((4, 4) if mode == "patch" else None)
+    assert e.patch_grid_size == ((4, 4) if mode == "patch" else None)
     assert len(e.blocks()) == 3 and type(e.blocks()[0]).__name__.endswith("Layer")
 
 
@@ -114,7 +114,7 @@ def test_dinov2_registers_dropped_in_patch_mode():
 def test_other_resolution_interpolates_position_embeddings():
     for family in ("clip", "siglip", "dinov2"):
         e = enc(family, image_size=42)
-        assert e.num_tokens == 36 and e.grid_size == (6, 6)
+        assert e.num_tokens == 36 and e.patch_grid_size == (6, 6)
         x = e.preprocess([Image.new("RGB", (50, 40), (10, 200, 30))])
         assert x.shape == (1, 3, 42, 42)
         kw = {} if family == "dinov2" else {"interpolate_pos_encoding": True}
@@ -169,9 +169,7 @@ def test_wrong_checkpoint_family_is_a_user_error(tmp_path):
 def test_zoo_path_is_resolved_through_vlm_zoo(tmp_path, monkeypatch):
     CLIPVisionModel(CLIPVisionConfig(**HF["clip"][0])).save_pretrained(tmp_path)
     asked = []
-    fake = types.ModuleType("vlm.zoo")
-    fake.resolve = lambda spec: asked.append(spec) or tmp_path
-    monkeypatch.setitem(sys.modules, "vlm.zoo", fake)
+    monkeypatch.setattr(catalogue, "resolve", lambda spec: asked.append(spec) or tmp_path)
     e = build_encoder({"type": "clip", "path": "zoo:tiny-clip"})
     assert asked == ["zoo:tiny-clip"] and e.num_tokens == NUM_PATCHES
 
@@ -309,7 +307,7 @@ def test_timm_vit_tokens(mode, regs, expected):
     with torch.no_grad():
         out = e(x)
     assert out.shape == (2, expected, 32) and e.num_tokens == expected
-    assert e.grid_size == ((4, 4) if mode == "patch" else None)
+    assert e.patch_grid_size == ((4, 4) if mode == "patch" else None)
     ref = hooked_output(e.model, e.model.blocks[1], x)  # select_layer -2 = output of the penultimate block
     want = {"patch": ref[:, 1 + regs:], "cls": ref[:, :1], "cls_patch": torch.cat([ref[:, :1], ref[:, 1 + regs:]], 1)}
     torch.testing.assert_close(out, want[mode], rtol=0, atol=0)
@@ -334,7 +332,7 @@ def test_timm_vit_without_class_token_keeps_every_token():
 def test_timm_cnn_feature_map_becomes_tokens(name, k, stage, grid, channels):
     config = {"layers": [1, 1, 1, 1]} if name == "resnet18" else {}
     e = build_encoder({"type": "timm", "model": name, "config": config, "image_size": 64, "select_layer": k})
-    assert (e.hidden_size, e.grid_size, e.num_tokens, e.has_cls) == (channels, grid, grid[0] * grid[1], False)
+    assert (e.hidden_size, e.patch_grid_size, e.num_tokens, e.has_cls) == (channels, grid, grid[0] * grid[1], False)
     x = pixels(2, 64)
     with torch.no_grad():
         out = e(x)
@@ -392,8 +390,8 @@ def test_fused_channel_and_sequence():
     with torch.no_grad():
         out_c, out_s = ch(px), seq(px)
         fa, fb = ch.encoders[0](px["enc0"]), ch.encoders[1](px["enc1"])
-    assert (out_c.shape, ch.num_tokens, ch.hidden_size, ch.grid_size) == ((2, 4, 64), 4, 64, (2, 2))
-    assert (out_s.shape, seq.num_tokens, seq.hidden_size, seq.grid_size) == ((2, 8, 32), 8, 32, None)
+    assert (out_c.shape, ch.num_tokens, ch.hidden_size, ch.patch_grid_size) == ((2, 4, 64), 4, 64, (2, 2))
+    assert (out_s.shape, seq.num_tokens, seq.hidden_size, seq.patch_grid_size) == ((2, 8, 32), 8, 32, None)
     # the 4x4 grid is area-pooled to 2x2: token (0, 0) is the mean of the top-left 2x2 patches
     pooled = fa.reshape(2, 4, 4, 32)[:, :2, :2].mean(dim=(1, 2))
     torch.testing.assert_close(out_c[:, 0, :32], pooled)
@@ -404,8 +402,8 @@ def test_fused_channel_and_sequence():
 
 def test_fused_upsamples_to_a_larger_grid_and_validates():
     a, b = fused_parts()
-    e = build_encoder({"type": "fused", "encoders": [a, b], "grid_size": 4})
-    assert e.num_tokens == 16 and e.grid_size == (4, 4)
+    e = build_encoder({"type": "fused", "encoders": [a, b], "patch_grid_size": 4})
+    assert e.num_tokens == 16 and e.patch_grid_size == (4, 4)
     with torch.no_grad():
         px = e.preprocess([Image.new("RGB", (28, 28))])
         out = e(px)

@@ -48,7 +48,7 @@ def test_non_multiple_sizes_floor_like_hf(family, native, patch, size, grid):
     e = encoder(family, native, patch, **({} if size is None else {"image_size": size}), select_layer=-2)
     h, w = (native, native) if size is None else ((size, size) if isinstance(size, int) else tuple(size))
     n = grid[0] * grid[1]
-    assert (e.num_tokens, e.num_patches, e.grid_size) == (n, n, grid)
+    assert (e.num_tokens, e.num_patches, e.patch_grid_size) == (n, n, grid)
     x = pixels(h, w)
     ref = hf_reference(e, x, -2, interpolate=size is not None)
     prefix = FAMILIES[family][2]
@@ -69,7 +69,7 @@ def test_non_multiple_sizes_floor_like_hf(family, native, patch, size, grid):
 def test_real_resolutions(family, native, size, tokens):
     e = encoder(family, native, 14, **({} if size is None else {"image_size": size}))
     side = {729: 27, 576: 24}[tokens]
-    assert e.num_tokens == tokens and e.grid_size == (side, side)
+    assert e.num_tokens == tokens and e.patch_grid_size == (side, side)
     px = size or native
     x = pixels(px, px)[:1]
     with torch.no_grad():

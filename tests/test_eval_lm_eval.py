@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-import vlm
+import eval.lm_eval_adapter
 from eval.lm_eval_adapter import VLMAblateLM
 from fixtures_eval import builders as B
 from fixtures_eval.fake_model import FakeVLM
@@ -65,7 +65,7 @@ def test_simple_evaluate_with_registered_model(tmp_path, monkeypatch):
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
-    monkeypatch.setattr(vlm, "load_vlm", lambda spec: KnowsFacts(B.VISION), raising=False)
+    monkeypatch.setattr(eval.lm_eval_adapter, "load_vlm", lambda spec: KnowsFacts(B.VISION))
     res = simple_evaluate(model="vlm_ablate", model_args="run=RUN,greedy_check=false", tasks=["capitals"],
                           task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     # the fake knows only "paris ... france": item 1 right, item 2 wrong

@@ -1,7 +1,7 @@
 """The runner: results layout and summaries, resuming a killed eval, recipes, and `vlm eval`."""
 import pytest
 
-import vlm
+import vlm.cli.eval
 from eval.runner import RECIPE_DIR, build_task, evaluate, resolve_task, summarize
 from fixtures_eval import builders as B
 from fixtures_eval.fake_model import FakeVLM
@@ -97,7 +97,7 @@ def test_cli_eval_run_dir_and_model(tmp_path, monkeypatch, capsys):
 
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump({"eval": {"tasks": tasks}}))
     seen = []
-    monkeypatch.setattr(vlm, "load_vlm", lambda spec: seen.append(str(spec)) or FakeVLM(B.VISION), raising=False)
+    monkeypatch.setattr(vlm.cli.eval, "load_vlm", lambda spec: seen.append(str(spec)) or FakeVLM(B.VISION))
     assert main(["eval", str(run_dir)]) == 0
     assert seen == [str(run_dir)] and read_json(run_dir / "results.json")["fine_grained"] == 1.0
     assert "fine_grained" in capsys.readouterr().out

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from vlm.errors import UserError
-from vlm.freeze import apply_policy, count_trainable, find_blocks, merge_lora, module_of
-from vlm.recipe import RECIPES_ROOT, compose
-from vlm.train import build_model
+from vlm.recipe.freeze import apply_policy, count_trainable, find_blocks, merge_lora, module_of
+from vlm.recipe.schema import RECIPES_ROOT, compose
+from vlm.train.run_dir import build_model
 
 MODEL = compose(RECIPES_ROOT / "models" / "tiny.yaml")
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from vlm.cli.status import run as run_status
 from vlm.errors import UserError
-from vlm.grid import launch, load_plan, point_state, run_status, validate_grid
-from vlm.grid_exec import lock_path, point_commands, read_record
-from vlm.grid_spec import load_grid
+from vlm.grid.executors import lock_path, point_commands, read_record
+from vlm.grid.points import launch, load_plan, point_state, validate_grid
+from vlm.grid.spec import load_grid
 from vlm.io import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,7 +223,7 @@ def test_killed_launcher_then_rerun_runs_each_point_exactly_once(tmp_path):
     path = write_grid(tmp_path, AXES_2X2)
     out = tmp_path / "gd"
     cli = fake_cli(tmp_path, steps=30, dt=0.05)
-    code = "import json,sys; from vlm.grid import launch; launch(sys.argv[1], sys.argv[2], workers=2, cli=json.loads(sys.argv[3]))"
+    code = "import json,sys; from vlm.grid.points import launch; launch(sys.argv[1], sys.argv[2], workers=2, cli=json.loads(sys.argv[3]))"
     launcher = subprocess.Popen([sys.executable, "-c", code, str(path), str(out), json.dumps(cli)],
                                 stdout=subprocess.DEVNULL, cwd=ROOT)
     events = out / "_grid" / "events.jsonl"
@@ -259,7 +260,7 @@ def test_killed_launcher_then_rerun_runs_each_point_exactly_once(tmp_path):
         assert starts == [0, len(snapshot[pid].splitlines())]
     assert not [pid for pid, s in result.items() if s != "done"]
 
-    from vlm.report import build_report
+    from vlm.report.render import build_report
 
     build_report(out)
     rows = (out / "results.csv").read_text().splitlines()
@@ -335,7 +336,7 @@ def test_smoke_grid_two_workers_killed_and_rerun_covers_every_point_once(tmp_pat
         trained.setdefault(align["key"], []).append(align["trained"])
     assert len(trained) == 2 and all(flags.count(True) == 1 for flags in trained.values())  # stage 1 shared
 
-    from vlm.report import build_report
+    from vlm.report.render import build_report
 
     build_report(out)
     with open(out / "results.csv", newline="") as f:
@@ -356,7 +357,7 @@ def test_research_grid_validates_when_its_data_is_present(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "enc=dinosiglip,llm=qwen2.5-7b,pt=sharegpt4v,s1llm=unfrozen" in out
     assert "stage 1 is trained 32 time(s) for 32 points" in out
-    from vlm.grid import resolve_point
+    from vlm.grid.points import resolve_point
 
     cfg = resolve_point(grid, grid.points()[-1])
     assert set(cfg.model.encoder) == {"type", "mode", "encoders"}  # the preset, not merged with another encoder

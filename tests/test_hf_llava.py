@@ -10,10 +10,11 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
 
 from vlm import load_vlm
 from vlm.errors import UserError
-from vlm.hf_llava import export_hf_llava
-from vlm.llm import add_image_token
-from vlm.model import build_vlm
-from vlm.testing import builtin_tokenizer, tiny_vlm_config
+from vlm.model.hf_llava import export_hf_llava
+from vlm.model.llm import add_image_token
+from vlm.model.tokenizers import builtin_tokenizer
+from vlm.model.vlm import build_vlm
+from vlm.testing import tiny_vlm_config
 
 TEXT = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 VISION = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}

@@ -1,17 +1,16 @@
 """build_llm: random init of the real HF architectures, local pretrained dirs, tokens added, errors."""
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from vlm.chat import tokenize_conversation
 from vlm.errors import UserError
-from vlm.llm import build_llm
-from vlm.testing import builtin_tokenizer, tiny_llm_config
+from vlm.model.chat import tokenize_conversation
+from vlm.model.llm import build_llm
+from vlm.model.tokenizers import builtin_tokenizer
+from vlm.testing import tiny_llm_config
+from vlm.world.zoo import catalogue
 
 PAIRS = [("llama", "llama3", "LlamaForCausalLM"), ("qwen2", "chatml", "Qwen2ForCausalLM"),
          ("mistral", "mistral", "MistralForCausalLM"), ("gemma", "gemma", "GemmaForCausalLM")]
@@ -83,9 +82,7 @@ def test_chat_template_override_is_per_instance(pretrained_dir):
 
 def test_zoo_paths_resolve_lazily(pretrained_dir, monkeypatch):
     seen = []
-    fake = types.ModuleType("vlm.zoo")
-    fake.resolve = lambda spec: seen.append(spec) or pretrained_dir
-    monkeypatch.setitem(sys.modules, "vlm.zoo", fake)
+    monkeypatch.setattr(catalogue, "resolve", lambda spec: seen.append(spec) or pretrained_dir)
     llm = build_llm({"path": "zoo:tiny-qwen"})
     assert type(llm.model).__name__ == "Qwen2ForCausalLM" and seen == ["zoo:tiny-qwen"]
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import vlm.cli.validate
 from vlm.cli import main
 from vlm.errors import UserError
-from vlm.recipe import RECIPES_ROOT, Recipe, compose, load_recipe, stage_keys
+from vlm.recipe.keys import stage_keys
+from vlm.recipe.schema import RECIPES_ROOT, Recipe, compose, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,12 +170,8 @@ def test_validate_prints_plan(tmp_path, data_file, capsys):
 
 
 def test_validate_delegates_grid_files(tmp_path, monkeypatch):
-    import types
-
     seen = []
-    fake = types.ModuleType("vlm.grid")
-    fake.validate_grid = lambda path: seen.append(Path(path)) or 0
-    monkeypatch.setitem(sys.modules, "vlm.grid", fake)
+    monkeypatch.setattr(vlm.cli.validate, "validate_grid", lambda path: seen.append(Path(path)) or 0)
     g = tmp_path / "g.yaml"
     g.write_text("base: x.yaml\naxes: {a: {key: run.seed, values: [1, 2]}}\n")
     assert main(["validate", str(g)]) == 0 and seen == [g]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from vlm.io import append_jsonl, atomic_write_json
-from vlm.report import build_report
-from vlm.report_data import axis_effects, collect
+from vlm.report.collect import collect
+from vlm.report.effects import axis_effects
+from vlm.report.render import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 AXES = {"enc": ["a", "b"], "llm": ["x", "y"], "pt": ["p", "q"]}

@@ -13,9 +13,9 @@ from PIL import Image
 
 from vlm.cli import main
 from vlm.errors import UserError
-from vlm.synth import generate_world, load_scenes, resolve_config
-from vlm.synth_render import BASIC_COLORS, COLORS, FAMILIES, NUMBER_WORDS, PATTERNS, PROPORTIONS, SHADES, render_scene
-from vlm.synth_sets import ABS_SIZES, GRID, POSITIONS, SIZE_SCALES, WHERE, build_classes
+from vlm.world.synth.render import BASIC_COLORS, COLORS, FAMILIES, NUMBER_WORDS, PATTERNS, PROPORTIONS, SHADES, render_scene
+from vlm.world.synth.sets import ABS_SIZES, GRID, POSITIONS, SIZE_SCALES, WHERE, build_classes
+from vlm.world.synth.world import generate_world, load_scenes, resolve_config
 
 SETTINGS = dict(families=4, classes_per_family=2, train_per_class=3, test_per_class=2, vqa_train=6, vqa_eval=12, spec_cases=3)
 

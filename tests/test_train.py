@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from vlm.errors import UserError
 from vlm.io import read_json, read_jsonl
-from vlm.recipe import load_recipe
-from vlm.train import load_run, train
+from vlm.recipe.schema import load_recipe
+from vlm.train.run_dir import load_run
+from vlm.train.steps import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +95,7 @@ def test_artifacts_chain_reuse_and_load_run(recipe, tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(m(ids).logits, m2(ids).logits)
     # a merged-LoRA model differs from the stage-1 model (the adapters were trained and applied)
-    from vlm.train import apply_artifact, build_model
+    from vlm.train.run_dir import apply_artifact, build_model
 
     cfg = load_recipe(recipe, [f"run.artifact_store={store}", "stages.finetune.freeze.llm=lora"])
     s1 = build_model(cfg)
@@ -155,7 +156,7 @@ def test_a_locked_stage_artifact_is_waited_for_and_reused(recipe, tmp_path):
 
     from filelock import FileLock
 
-    from vlm.recipe import stage_keys
+    from vlm.recipe.keys import stage_keys
 
     only_align = ["stages.finetune.enabled=false"]
     train(load_recipe(recipe, only_align + [f"run.artifact_store={tmp_path / 'other'}"]), tmp_path / "other_run")
@@ -211,7 +212,7 @@ def test_gradient_checkpointing_gives_the_same_training(recipe, tmp_path):
 def test_tracker_records_are_flattened_per_stage(tmp_path):
     from types import SimpleNamespace
 
-    from vlm.train import Run
+    from vlm.train.steps import Run
 
     logged = []
     fake = SimpleNamespace(main=False, run_dir=tmp_path, cfg={"run": {"trackers": ["tensorboard"]}},
@@ -228,9 +229,10 @@ def test_train_stage_is_repeated_train_step(recipe, tmp_path):
     from accelerate import Accelerator
     from omegaconf import OmegaConf
 
-    from vlm.data import TrainSet, build_mixture, collate, epoch_batches, load_source
-    from vlm.freeze import apply_policy
-    from vlm.train import _lr_lambda, _set_seed, build_model, build_optimizer, train_step
+    from vlm.data.datasets import TrainSet, build_mixture, collate, epoch_batches, load_source
+    from vlm.recipe.freeze import apply_policy
+    from vlm.train.run_dir import build_model, set_seed
+    from vlm.train.steps import _lr_lambda, build_optimizer, train_step
 
     cfg = load_recipe(recipe, ["stages.align.enabled=false"])
     train(cfg, tmp_path / "run")
@@ -241,7 +243,7 @@ def test_train_stage_is_repeated_train_step(recipe, tmp_path):
     cfg = OmegaConf.to_container(cfg, resolve=True)
     st, seed = cfg["stages"]["finetune"], cfg["run"]["seed"]
     vlm = build_model(cfg)
-    _set_seed(seed + 1 + list(cfg["stages"]).index("finetune"))
+    set_seed(seed + 1 + list(cfg["stages"]).index("finetune"))
     o = st["optim"]
     optimizer = build_optimizer(apply_policy(vlm, st["freeze"], o), o)
     warmup = round(o["warmup_ratio"] * 2)

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from vlm.io import read_json, read_jsonl
-from vlm.recipe import load_recipe
-from vlm.train import train
+from vlm.recipe.schema import load_recipe
+from vlm.train.steps import train
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}

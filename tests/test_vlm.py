@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vlm.errors import UserError
-from vlm.model import IGNORE_INDEX, build_vlm, expand_image_tokens
+from vlm.model.vlm import IGNORE_INDEX, build_vlm, expand_image_tokens
 from vlm.testing import tiny_vlm, tiny_vlm_config
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm import zoo
 from vlm.errors import UserError
+from vlm.world.zoo import catalogue, convert, download
 
 
-def _fake_entry(calls: list, *, revision: int = 1, fail: bool = False) -> zoo.ZooEntry:
+def _fake_entry(calls: list, *, revision: int = 1, fail: bool = False) -> catalogue.ZooEntry:
     def build(out: Path, wheels: dict) -> dict:
         calls.append(out)
         if fail:
@@ -26,7 +26,7 @@ def _fake_entry(calls: list, *, revision: int = 1, fail: bool = False) -> zoo.Zo
         (out / "sub" / "config.json").write_text('{"a": 1}')
         return {"max_abs_diff": 0.0}
 
-    return zoo.ZooEntry(name="fake", title="Fake", kind="encoder", packages=(), license="MIT",
+    return catalogue.ZooEntry(name="fake", title="Fake", kind="encoder", packages=(), license="MIT",
                         provenance="test", build=build, revision=revision, config={"type": "dinov2", "path": "zoo:fake"})
 
 
@@ -40,18 +40,18 @@ def _quiet(msg: str) -> None:
 def test_prepare_writes_ready_and_rerun_is_noop(tmp_path):
     calls: list = []
     entry = _fake_entry(calls)
-    assert zoo.entry_status(entry, tmp_path) == "missing"
-    rec = zoo.prepare_entry(entry, tmp_path, log=_quiet)
-    ready = json.loads((tmp_path / "fake" / zoo.READY).read_text())
+    assert catalogue.entry_status(entry, tmp_path) == "missing"
+    rec = catalogue.prepare_entry(entry, tmp_path, log=_quiet)
+    ready = json.loads((tmp_path / "fake" / catalogue.READY).read_text())
     assert ready == rec
     assert ready["files"]["weights.bin"] == {"size": 1000, "sha256": hashlib.sha256(b"\x01" * 1000).hexdigest()}
     assert set(ready["files"]) == {"weights.bin", "sub/config.json"}
     assert ready["verification"] == {"max_abs_diff": 0.0}
-    assert zoo.entry_status(entry, tmp_path, deep=True) == "ready"
-    zoo.prepare_entry(entry, tmp_path, log=_quiet)
+    assert catalogue.entry_status(entry, tmp_path, deep=True) == "ready"
+    catalogue.prepare_entry(entry, tmp_path, log=_quiet)
     assert len(calls) == 1
     assert not [p for p in tmp_path.iterdir() if ".build-" in p.name]
-    zoo.prepare_entry(entry, tmp_path, force=True, log=_quiet)
+    catalogue.prepare_entry(entry, tmp_path, force=True, log=_quiet)
     assert len(calls) == 2
 
 
@@ -59,45 +59,45 @@ def test_prepare_writes_ready_and_rerun_is_noop(tmp_path):
 def test_corrupt_or_partial_entry_is_detected_and_rebuilt(tmp_path, damage):
     calls: list = []
     entry = _fake_entry(calls)
-    zoo.prepare_entry(entry, tmp_path, log=_quiet)
+    catalogue.prepare_entry(entry, tmp_path, log=_quiet)
     d = tmp_path / "fake"
     if damage == "truncate":
         (d / "weights.bin").write_bytes(b"\x01" * 10)
     elif damage == "flip_byte":  # same size: only the deep (hashing) check sees it
         (d / "weights.bin").write_bytes(b"\x01" * 999 + b"\x02")
-        assert zoo.entry_status(entry, tmp_path) == "ready"
+        assert catalogue.entry_status(entry, tmp_path) == "ready"
     elif damage == "delete_file":
         (d / "sub" / "config.json").unlink()
     elif damage == "delete_ready":
-        (d / zoo.READY).unlink()
+        (d / catalogue.READY).unlink()
     else:
-        (d / zoo.READY).write_text("{not json")
-    assert zoo.entry_status(entry, tmp_path, deep=True) == "corrupt"
-    zoo.prepare_entry(entry, tmp_path, log=_quiet)
+        (d / catalogue.READY).write_text("{not json")
+    assert catalogue.entry_status(entry, tmp_path, deep=True) == "corrupt"
+    catalogue.prepare_entry(entry, tmp_path, log=_quiet)
     assert len(calls) == 2
-    assert zoo.entry_status(entry, tmp_path, deep=True) == "ready"
+    assert catalogue.entry_status(entry, tmp_path, deep=True) == "ready"
     assert (d / "weights.bin").read_bytes() == b"\x01" * 1000
 
 
 def test_new_revision_makes_the_cache_stale(tmp_path):
     calls: list = []
-    zoo.prepare_entry(_fake_entry(calls), tmp_path, log=_quiet)
+    catalogue.prepare_entry(_fake_entry(calls), tmp_path, log=_quiet)
     newer = _fake_entry(calls, revision=2)
-    assert zoo.entry_status(newer, tmp_path) == "stale"
-    zoo.prepare_entry(newer, tmp_path, log=_quiet)
-    assert len(calls) == 2 and zoo.entry_status(newer, tmp_path) == "ready"
+    assert catalogue.entry_status(newer, tmp_path) == "stale"
+    catalogue.prepare_entry(newer, tmp_path, log=_quiet)
+    assert len(calls) == 2 and catalogue.entry_status(newer, tmp_path) == "ready"
 
 
 def test_failed_build_leaves_no_ready_entry_and_keeps_the_old_one(tmp_path):
     calls: list = []
     with pytest.raises(RuntimeError, match="conversion broke"):
-        zoo.prepare_entry(_fake_entry(calls, fail=True), tmp_path, log=_quiet)
+        catalogue.prepare_entry(_fake_entry(calls, fail=True), tmp_path, log=_quiet)
     assert not (tmp_path / "fake").exists()
     assert not [p for p in tmp_path.iterdir() if ".build-" in p.name]
-    zoo.prepare_entry(_fake_entry(calls), tmp_path, log=_quiet)
+    catalogue.prepare_entry(_fake_entry(calls), tmp_path, log=_quiet)
     with pytest.raises(RuntimeError):
-        zoo.prepare_entry(_fake_entry(calls, fail=True), tmp_path, force=True, log=_quiet)
-    assert zoo.entry_status(_fake_entry(calls), tmp_path, deep=True) == "ready"
+        catalogue.prepare_entry(_fake_entry(calls, fail=True), tmp_path, force=True, log=_quiet)
+    assert catalogue.entry_status(_fake_entry(calls), tmp_path, deep=True) == "ready"
 
 
 # ---------------------------------------------------------------- pinned downloads
@@ -106,34 +106,34 @@ def test_failed_build_leaves_no_ready_entry_and_keeps_the_old_one(tmp_path):
 def test_check_sha256_rejects_a_wrong_file(tmp_path):
     f = tmp_path / "pkg-1.0-py3-none-any.whl"
     f.write_bytes(b"good")
-    zoo.check_sha256(f, hashlib.sha256(b"good").hexdigest())
+    download.check_sha256(f, hashlib.sha256(b"good").hexdigest())
     with pytest.raises(UserError, match="sha256"):
-        zoo.check_sha256(f, hashlib.sha256(b"evil").hexdigest())
+        download.check_sha256(f, hashlib.sha256(b"evil").hexdigest())
 
 
 def test_fetch_package_checks_the_pin_before_keeping_the_file(tmp_path):
     payload = b"wheel bytes"
-    pkg = zoo.Package("pkg", "1.0", "pkg-1.0-py3-none-any.whl", hashlib.sha256(payload).hexdigest())
+    pkg = download.Package("pkg", "1.0", "pkg-1.0-py3-none-any.whl", hashlib.sha256(payload).hexdigest())
     served = {"bytes": b"tampered", "n": 0}
 
-    def downloader(p: zoo.Package, dest: Path) -> None:
+    def downloader(p: download.Package, dest: Path) -> None:
         served["n"] += 1
         (dest / p.filename).write_bytes(served["bytes"])
 
     with pytest.raises(UserError, match="pins"):
-        zoo.fetch_package(pkg, tmp_path, downloader)
+        download.fetch_package(pkg, tmp_path, downloader)
     assert not (tmp_path / pkg.filename).exists()
     served["bytes"] = payload
-    path = zoo.fetch_package(pkg, tmp_path, downloader)
+    path = download.fetch_package(pkg, tmp_path, downloader)
     assert path.read_bytes() == payload
-    zoo.fetch_package(pkg, tmp_path, downloader)
+    download.fetch_package(pkg, tmp_path, downloader)
     assert served["n"] == 2  # the cached, verified wheel is reused
 
 
 def test_fetch_package_reports_a_wrong_download(tmp_path):
-    pkg = zoo.Package("pkg", "1.0", "pkg-1.0-py3-none-any.whl", "0" * 64)
+    pkg = download.Package("pkg", "1.0", "pkg-1.0-py3-none-any.whl", "0" * 64)
     with pytest.raises(UserError, match="expected pkg-1.0"):
-        zoo.fetch_package(pkg, tmp_path, lambda p, dest: (dest / "other.whl").write_bytes(b"x"))
+        download.fetch_package(pkg, tmp_path, lambda p, dest: (dest / "other.whl").write_bytes(b"x"))
 
 
 # ---------------------------------------------------------------- resolution and configs
@@ -143,35 +143,35 @@ def test_resolve_errors_and_success(tmp_path):
     calls: list = []
     entries = {"fake": _fake_entry(calls)}
     with pytest.raises(UserError, match="not a zoo spec"):
-        zoo.resolve("fake", root=tmp_path, entries=entries)
+        catalogue.resolve("fake", root=tmp_path, entries=entries)
     with pytest.raises(UserError, match="Did you mean 'fake'"):
-        zoo.resolve("zoo:fak", root=tmp_path, entries=entries)
+        catalogue.resolve("zoo:fak", root=tmp_path, entries=entries)
     with pytest.raises(UserError, match="run `vlm zoo prepare fake`"):
-        zoo.resolve("zoo:fake", root=tmp_path, entries=entries)
-    zoo.prepare_entry(entries["fake"], tmp_path, log=_quiet)
-    assert zoo.resolve("zoo:fake", root=tmp_path, entries=entries) == tmp_path / "fake"
+        catalogue.resolve("zoo:fake", root=tmp_path, entries=entries)
+    catalogue.prepare_entry(entries["fake"], tmp_path, log=_quiet)
+    assert catalogue.resolve("zoo:fake", root=tmp_path, entries=entries) == tmp_path / "fake"
 
 
 def test_maybe_resolve_uses_the_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path))
-    assert zoo.cache_dir() == tmp_path
-    assert zoo.maybe_resolve("facebook/dinov2-small") == "facebook/dinov2-small"
+    assert catalogue.cache_dir() == tmp_path
+    assert catalogue.maybe_resolve("facebook/dinov2-small") == "facebook/dinov2-small"
     with pytest.raises(UserError, match="vlm zoo prepare dinov2-s"):
-        zoo.maybe_resolve("zoo:dinov2-s")
+        catalogue.maybe_resolve("zoo:dinov2-s")
 
 
 def test_ready_made_configs():
-    enc = zoo.zoo_encoder_config("dinov2-s", select_layer=-1)
+    enc = catalogue.zoo_encoder_config("dinov2-s", select_layer=-1)
     assert enc["type"] == "dinov2" and enc["path"] == "zoo:dinov2-s" and enc["select_layer"] == -1
-    assert enc["mean"] == list(zoo.IMAGENET_MEAN) and enc["image_size"] == 224
-    eff = zoo.zoo_encoder_config("efficientnet-lite0")
+    assert enc["mean"] == list(convert.IMAGENET_MEAN) and enc["image_size"] == 224
+    eff = catalogue.zoo_encoder_config("efficientnet-lite0")
     assert eff["type"] == "timm" and eff["mean"] == eff["std"] == [0.5, 0.5, 0.5]
-    assert zoo.zoo_llm_config("smollm2-135m-instruct")["path"] == "zoo:smollm2-135m-instruct"
+    assert catalogue.zoo_llm_config("smollm2-135m-instruct")["path"] == "zoo:smollm2-135m-instruct"
     with pytest.raises(UserError, match="not a vision encoder"):
-        zoo.zoo_encoder_config("smollm2-135m-instruct")
+        catalogue.zoo_encoder_config("smollm2-135m-instruct")
     with pytest.raises(UserError, match="not a language model"):
-        zoo.zoo_llm_config("dinov2-s")
-    for e in zoo.ZOO.values():
+        catalogue.zoo_llm_config("dinov2-s")
+    for e in catalogue.ZOO.values():
         assert e.config["path"] == f"zoo:{e.name}"
         assert all(len(p.sha256) == 64 for p in e.packages)
 
@@ -182,7 +182,7 @@ def test_cli_list_and_unknown_name(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path))
     assert main(["zoo", "list"]) == 0
     out = capsys.readouterr().out
-    for name in zoo.ZOO:
+    for name in catalogue.ZOO:
         assert name in out
     assert "missing" in out and str(tmp_path) in out
     assert main(["zoo", "prepare", "dinov2-small"]) == 2
@@ -224,22 +224,22 @@ def test_onnx_to_dinov2_round_trip_is_exact():
     original, onnx_model, cfg = _tiny_dinov2_onnx()
     anon = [t.name for t in onnx_model.graph.initializer if t.name.startswith("onnx::")]
     assert any("MatMul" in n for n in anon)  # the export really hides Linear weights
-    converted = zoo.load_into_dinov2(zoo.onnx_dinov2_state_dict(onnx_model), cfg)
+    converted = convert.load_into_dinov2(convert.onnx_dinov2_state_dict(onnx_model), cfg)
     want = original.state_dict()
     for k, v in converted.state_dict().items():
         if k != "embeddings.mask_token":
             assert torch.equal(v, want[k]), k
-    v = zoo.verify_dinov2_against_onnx(converted, onnx_model, image_size=42)
+    v = convert.verify_dinov2_against_onnx(converted, onnx_model, image_size=42)
     assert v["output_shape"] == [2, 10, 32]
     assert v["max_abs_diff"] < 1e-5 < v["output_abs_max"]
 
 
 def test_onnx_mapping_catches_a_missing_weight():
     _, onnx_model, cfg = _tiny_dinov2_onnx()
-    sd = zoo.onnx_dinov2_state_dict(onnx_model)
+    sd = convert.onnx_dinov2_state_dict(onnx_model)
     del sd["encoder.layer.1.mlp.fc2.weight"]
     with pytest.raises(ValueError, match="missing"):
-        zoo.load_into_dinov2(sd, cfg)
+        convert.load_into_dinov2(sd, cfg)
 
 
 def test_old_hub_attention_names_are_renamed():
@@ -254,7 +254,7 @@ def test_old_hub_attention_names_are_renamed():
             k = k.replace(new_name, old_name)
         old[k] = v.numpy()
     assert "encoder.layer.0.attention.attention.query.weight" in old
-    got = zoo.load_into_dinov2(old, cfg).state_dict()
+    got = convert.load_into_dinov2(old, cfg).state_dict()
     assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
 
 
@@ -268,18 +268,18 @@ def test_effnet_lite_keys_map_one_to_one_onto_timm():
     bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     keys = ["_conv_stem.weight", *[f"_bn0.{s}" for s in bn], "_conv_head.weight", *[f"_bn1.{s}" for s in bn], "_fc.weight", "_fc.bias"]
     i = 0
-    for stage, reps in enumerate(zoo.EFFNET_LITE0_REPEATS):
+    for stage, reps in enumerate(convert.EFFNET_LITE0_REPEATS):
         for _ in range(reps):
             mods = ["_expand_conv", "_bn0"] if stage_exp[stage] != 1 else []
             mods += ["_depthwise_conv", "_bn1", "_project_conv", "_bn2"]
             keys += [f"_blocks.{i}.{m}.weight" if "conv" in m else f"_blocks.{i}.{m}.{s}" for m in mods for s in (bn if "bn" in m else ["w"])]
             i += 1
     assert i == 16
-    mapped = [zoo.effnet_lite_key_to_timm(k) for k in keys]
+    mapped = [convert.effnet_lite_key_to_timm(k) for k in keys]
     timm_keys = set(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
     assert len(set(mapped)) == len(keys) and set(mapped) == timm_keys
-    assert zoo.effnet_lite_key_to_timm("_blocks.1._expand_conv.weight") == "blocks.1.0.conv_pw.weight"
-    assert zoo.effnet_lite_key_to_timm("_blocks.0._project_conv.weight") == "blocks.0.0.conv_pw.weight"
+    assert convert.effnet_lite_key_to_timm("_blocks.1._expand_conv.weight") == "blocks.1.0.conv_pw.weight"
+    assert convert.effnet_lite_key_to_timm("_blocks.0._project_conv.weight") == "blocks.0.0.conv_pw.weight"
 
 
 # ---------------------------------------------------------------- the real zoo
@@ -288,14 +288,14 @@ def test_effnet_lite_keys_map_one_to_one_onto_timm():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dinov2-s", "efficientnet-lite0", "smollm2-135m-instruct"])
 def test_real_zoo_entry_prepares_and_verifies(name):
-    rec = zoo.prepare_entry(zoo.ZOO[name], log=_quiet)
-    assert zoo.entry_status(zoo.ZOO[name], deep=True) == "ready"
+    rec = catalogue.prepare_entry(catalogue.ZOO[name], log=_quiet)
+    assert catalogue.entry_status(catalogue.ZOO[name], deep=True) == "ready"
     v = rec["verification"]
     if name == "dinov2-s":
         assert v["output_shape"] == [2, 257, 384] and v["max_abs_diff"] <= 1e-4 and v["num_params"] == 22_056_576
         from transformers import Dinov2Model
 
-        assert Dinov2Model.from_pretrained(zoo.resolve("zoo:dinov2-s")).config.hidden_size == 384
+        assert Dinov2Model.from_pretrained(catalogue.resolve("zoo:dinov2-s")).config.hidden_size == 384
     elif name == "efficientnet-lite0":
         assert v["features_max_abs_diff"] <= 1e-5 and v["num_params"] == 4_652_008
     else:
@@ -331,7 +331,7 @@ def _tiny_gguf_vocab(path: Path) -> None:
 
 def test_gguf_bpe_tokenizer_merges_by_score_with_byte_fallback(tmp_path):
     _tiny_gguf_vocab(tmp_path / "v.gguf")
-    tok = zoo.gguf_bpe_tokenizer(tmp_path / "v.gguf")
+    tok = convert.gguf_bpe_tokenizer(tmp_path / "v.gguf")
     pieces = lambda s: tok.convert_ids_to_tokens(tok(s).input_ids)  # noqa: E731
     assert pieces("abc abc") == ["<bos>", "abc", "▁abc"]
     assert pieces("cab") == ["<bos>", "c", "ab"]  # "ab" (score -4) merges before "ca" (score -8)

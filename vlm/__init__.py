@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
 
         return load_vlm
     if name == "VLM":
-        from vlm.model import VLM
+        from vlm.model.vlm import VLM
 
         return VLM
     raise AttributeError(name)

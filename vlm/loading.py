@@ -1,4 +1,4 @@
-"""`load_vlm(spec)`: one entry point for every way to name a model.
+"""`load_vlm(spec)`: one entry point for every way to name a model (above the model, recipe and run-dir layers).
 
 Specs:
     RUN_DIR                      a training run (its recipe.yaml + final stage artifacts)
@@ -12,39 +12,32 @@ from pathlib import Path
 from typing import Any
 
 from vlm.errors import UserError
+from vlm.model.hf_llava import load_hf_llava
+from vlm.model.vlm import VLM, build_vlm
+from vlm.recipe.schema import load_recipe, plain
+from vlm.train.run_dir import load_run
+from vlm.world.zoo.catalogue import zoo_encoder_config, zoo_llm_config
 
 
-def load_vlm(spec: str | Path, **kwargs: Any) -> Any:
+def load_vlm(spec: str | Path, **kwargs: Any) -> VLM:
     spec = str(spec)
     if spec.startswith("hf-llava:"):
-        from vlm.hf_llava import load_hf_llava
-
         return load_hf_llava(spec[len("hf-llava:"):], **kwargs)
     if spec.startswith("zoo:"):
         return _load_zoo_pair(spec)
     path = Path(spec)
     if path.is_dir() and (path / "recipe.yaml").exists():
-        from vlm.train import load_run
-
         return load_run(path, **kwargs)
     if path.is_file() and path.suffix in {".yaml", ".yml"}:
-        from vlm.model import build_vlm
-        from vlm.recipe import load_recipe
-
-        from omegaconf import OmegaConf
-
         cfg = load_recipe(path)
-        return build_vlm(OmegaConf.to_container(cfg.model, resolve=True))
+        return build_vlm(plain(cfg.model))
     raise UserError(
         f"cannot load a VLM from {spec!r}: not a run dir (no recipe.yaml), a recipe file, 'hf-llava:<path>' or "
         "'zoo:<encoder>+zoo:<llm>'."
     )
 
 
-def _load_zoo_pair(spec: str) -> Any:
-    from vlm.model import build_vlm
-    from vlm.zoo import zoo_encoder_config, zoo_llm_config
-
+def _load_zoo_pair(spec: str) -> VLM:
     parts = spec.split("+")
     if len(parts) != 2 or not all(p.startswith("zoo:") for p in parts):
         raise UserError(f"zoo spec {spec!r} must name an encoder and an LLM: 'zoo:<encoder>+zoo:<llm>'")

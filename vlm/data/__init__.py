@@ -1,0 +1,1 @@
+"""Training data: sources, mixtures, tokenised samples and batching (`datasets.py`)."""

@@ -1,0 +1,182 @@
+"""Running grid points: one point = `vlm train` then `vlm eval` on its run dir, guarded by a file lock.
+
+Grid dir layout (bookkeeping lives in `_grid/`, run dirs are `GRID_DIR/<point id>/`):
+
+    grid.yaml                 copy of the grid file (with `base` made absolute, so it can be launched again)
+    _grid/plan.json           every point: id, axis labels, recipe overrides
+    _grid/points/<id>.json    the point's launcher record: state, attempts, error, log tail, job id
+    _grid/locks/<id>.lock     held while a process runs the point (two launchers never run it twice)
+    _grid/logs/<id>.log       stdout+stderr of train and eval, appended per attempt
+    _grid/events.jsonl        start / done / failed events with host and pid (an audit trail)
+    artifacts/                shared stage artifacts (`run.artifact_store`): points sharing stage 1 train it once
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Sequence
+
+from filelock import FileLock, Timeout
+
+from vlm.io import append_jsonl, atomic_write_json, read_json
+
+LOG_TAIL_LINES = 40
+DONE, FAILED, RUNNING, QUEUED = "done", "failed", "running", "queued"
+
+
+def default_cli() -> list[str]:
+    return [sys.executable, "-m", "vlm"]
+
+
+def bookkeeping(grid_dir: Path) -> Path:
+    return Path(grid_dir) / "_grid"
+
+
+def record_path(grid_dir: Path, pid: str) -> Path:
+    return bookkeeping(grid_dir) / "points" / f"{pid}.json"
+
+
+def lock_path(grid_dir: Path, pid: str) -> Path:
+    return bookkeeping(grid_dir) / "locks" / f"{pid}.lock"
+
+
+def log_path(grid_dir: Path, pid: str) -> Path:
+    return bookkeeping(grid_dir) / "logs" / f"{pid}.log"
+
+
+def read_record(grid_dir: Path, pid: str) -> dict[str, Any]:
+    path = record_path(grid_dir, pid)
+    return read_json(path) if path.exists() else {}
+
+
+def write_record(grid_dir: Path, pid: str, **fields: Any) -> dict[str, Any]:
+    rec = {**read_record(grid_dir, pid), **fields}
+    atomic_write_json(record_path(grid_dir, pid), rec)
+    return rec
+
+
+def is_locked(grid_dir: Path, pid: str) -> bool:
+    """True when some process (here or on another host sharing the filesystem) is running the point."""
+    lock = FileLock(lock_path(grid_dir, pid))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _die_with_parent() -> None:
+    """Child-side hook: get SIGKILL when the launching process dies, so a killed launcher leaves no orphan."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def point_commands(grid_dir: Path, point: dict[str, Any], cli: Sequence[str], gpus: int = 0) -> list[tuple[str, list[str]]]:
+    """`train` (under `accelerate launch` when gpus > 0) and `eval` for one point of the plan."""
+    run_dir = str(Path(grid_dir) / point["id"])
+    overrides = [f"{k}={json.dumps(v)}" for k, v in point["overrides"].items()]
+    train = [*cli, "train", point["base"], *overrides, "--out", run_dir]
+    if gpus > 0:
+        train = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
+                 "--num_machines", "1", "-m", "vlm", "train", point["base"], *overrides, "--out", run_dir]
+    return [("train", train), ("eval", [*cli, "eval", run_dir])]
+
+
+def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+
+
+def run_point(grid_dir: str | Path, pid: str, cli: Sequence[str] | None = None, gpus: int = 0) -> str:
+    """Run one point to completion unless it is done or another process holds it; returns the final state
+    (`done`, `failed`, or `busy` when another process is running it). Train and eval resume by themselves."""
+    grid_dir = Path(grid_dir)
+    plan = read_json(bookkeeping(grid_dir) / "plan.json")
+    point = next(p for p in plan["points"] if p["id"] == pid)
+    lock = FileLock(lock_path(grid_dir, pid))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return "busy"
+    try:
+        rec = read_record(grid_dir, pid)
+        if rec.get("state") == DONE:
+            return DONE
+        attempt = int(rec.get("attempts", 0)) + 1
+        who = {"host": socket.gethostname(), "process": os.getpid()}
+        write_record(grid_dir, pid, state=RUNNING, attempts=attempt, started=time.time(), error=None, log_tail=None, **who)
+        append_jsonl(bookkeeping(grid_dir) / "events.jsonl", {"point": pid, "event": "start", "attempt": attempt, "time": time.time(), **who})
+        log = log_path(grid_dir, pid)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        error = None
+        for step, cmd in point_commands(grid_dir, {**point, "base": plan["base"]}, cli or default_cli(), gpus):
+            if step == "eval" and (grid_dir / pid / "results.json").exists():
+                break  # `vlm train` already evaluated the recipe's eval.tasks
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"\n=== attempt {attempt}: {' '.join(cmd)}\n")
+                f.flush()
+                rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+            if rc != 0:
+                error = f"{step} exited with code {rc} (log: {log})"
+                break
+        state = FAILED if error else DONE
+        write_record(grid_dir, pid, state=state, finished=time.time(), error=error,
+                     log_tail=_tail(log) if error else None)
+        append_jsonl(bookkeeping(grid_dir) / "events.jsonl", {"point": pid, "event": state, "attempt": attempt, "time": time.time(), **who})
+        return state
+    finally:
+        lock.release()
+
+
+def run_local(grid_dir: Path, ids: list[str], workers: int, cli: Sequence[str] | None, echo=print) -> dict[str, str]:
+    """Run points as up to `workers` concurrent subprocesses (each dies with this launcher)."""
+    pending, running, outcome = deque(ids), {}, {}
+    base_cmd = [sys.executable, "-m", "vlm.grid.executors", str(grid_dir)]
+    extra = ["--cli", json.dumps(list(cli))] if cli else []
+    while pending or running:
+        while pending and len(running) < max(1, workers):
+            pid = pending.popleft()
+            if is_locked(grid_dir, pid):
+                outcome[pid] = "busy"
+                echo(f"skip  {pid} (running in another launcher)")
+                continue
+            echo(f"start {pid}")
+            running[pid] = subprocess.Popen([*base_cmd, pid, *extra], stdin=subprocess.DEVNULL,
+                                            preexec_fn=_die_with_parent)
+        for pid, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[pid]
+                rec = read_record(grid_dir, pid)
+                outcome[pid] = rec.get("state", FAILED) if proc.returncode == 0 else FAILED
+                if proc.returncode != 0 and rec.get("state") != FAILED:
+                    write_record(grid_dir, pid, state=FAILED, error=f"point runner exited with code {proc.returncode}")
+                echo(f"{outcome[pid]:5s} {pid}" + (f": {rec.get('error')}" if outcome[pid] == FAILED else ""))
+        time.sleep(0.1)
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one local worker: `python -m vlm.grid.executors GRID_DIR POINT_ID [--cli JSON]`."""
+    p = argparse.ArgumentParser(prog="python -m vlm.grid.executors")
+    p.add_argument("grid_dir")
+    p.add_argument("point_id")
+    p.add_argument("--cli", type=json.loads, default=None)
+    a = p.parse_args(argv)
+    run_point(a.grid_dir, a.point_id, cli=a.cli)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

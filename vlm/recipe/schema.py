@@ -1,0 +1,430 @@
+"""Recipe schema: OmegaConf composition + typed dataclasses, validated before any compute.
+
+A recipe file may list base files under `defaults:` (relative to the file, then to the project's
+`recipes/` dir); they are merged in order, then the file's own body, then `key=value` overrides.
+The merged tree is checked against the dataclasses below: unknown keys name the nearest valid key,
+types and choices are enforced, defaults are filled in. `load_recipe` returns the resolved DictConfig.
+
+    cfg = load_recipe("recipes/smoke.yaml", ["stages.align.optim.lr=1e-3"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vlm.errors import UserError
+from vlm.recipe.freeze import check_policy_static
+from vlm.world.synth.world import synth_dir
+
+RECIPES_ROOT = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _synth_world(preset: str = "tiny", seed: int = 0) -> str:
+    """`${synth_world:tiny,0}`: the dir of the generated world (materialised once), e.g. for eval task paths."""
+    return str(synth_dir({"preset": str(preset), "seed": int(seed), "cache_dir": None}))
+
+
+if hasattr(OmegaConf, "register_resolver"):  # omegaconf >= 2.4
+    OmegaConf.register_resolver("synth_world", _synth_world, replace=True)
+else:
+    OmegaConf.register_new_resolver("synth_world", _synth_world, replace=True)
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class ModulePolicy:
+    """How one module (`vision`, `connector`, `llm`) is trained in a stage. A bare string is `mode`."""
+
+    mode: Literal["frozen", "full", "lora", "partial"] = "frozen"
+    lr: Optional[float] = None  # default: the stage's optim.lr
+    weight_decay: Optional[float] = None  # default: the stage's optim.weight_decay
+    r: int = 8  # lora rank
+    alpha: float = 16.0  # lora alpha
+    dropout: float = 0.0  # lora dropout
+    target_modules: Optional[list[str]] = None  # lora targets (peft names); null = all linear layers
+    k: int = 1  # partial: train the last k blocks
+
+
+@dataclass
+class FreezePolicy:
+    vision: ModulePolicy = field(default_factory=ModulePolicy)
+    connector: ModulePolicy = field(default_factory=lambda: ModulePolicy(mode="full"))
+    llm: ModulePolicy = field(default_factory=ModulePolicy)
+
+
+@dataclass
+class MixtureItem:
+    """One component of a stage's data mixture. A bare string is `dataset`."""
+
+    dataset: str = "???"  # a key of `datasets`
+    weight: float = 1.0  # sampling multiplier on the component's size (2.0 = every sample twice an epoch)
+    max_samples: Optional[int] = None  # cap on the component before weighting
+
+
+@dataclass
+class Optim:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: Optional[float] = 1.0  # null = no clipping
+
+
+@dataclass
+class Stage:
+    enabled: bool = True
+    data: list[MixtureItem] = field(default_factory=list)
+    freeze: FreezePolicy = field(default_factory=FreezePolicy)
+    optim: Optim = field(default_factory=Optim)
+    max_steps: Optional[int] = None  # optimizer steps; null = `epochs` passes over the mixture
+    epochs: float = 1.0
+    batch_size: int = 8  # per device, per micro-step
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    max_length: int = 2048  # tokens after image expansion; longer samples are broken samples
+    chat_template: Optional[str] = None  # template for this stage's data (e.g. plain); null = the LLM's own
+    save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
+    feature_cache: bool = True  # reuse cached encoder features when the vision module is frozen
+
+
+@dataclass
+class Dataset:
+    """A named data source. `type`: `llava` (JSON/JSONL conversations), `hf` (datasets.load_dataset), `synth`."""
+
+    type: Literal["llava", "hf", "synth"] = "llava"
+    path: Optional[str] = None  # llava: file or hf://<repo>/<file>; hf: hub id or builder (json, parquet, ...)
+    image_root: Optional[str] = None  # dir image paths are relative to (default: the file's dir)
+    name: Optional[str] = None  # hf config name
+    split: str = "train"
+    data_files: Optional[list[str]] = None  # hf: local files
+    columns: dict[str, str] = field(default_factory=dict)  # hf: our field -> dataset column
+    prompt: str = "<image>\nDescribe the image."  # hf caption datasets: the user turn
+    seed: int = 0  # synth
+    preset: str = "tiny"  # synth
+    file: str = "captions_dense.json"  # synth: which file of the world
+    cache_dir: Optional[str] = None  # synth: where worlds are materialised
+
+
+@dataclass
+class Data:
+    on_error: Literal["raise", "skip"] = "raise"
+    group_by_length: bool = True
+    num_workers: int = 0  # DataLoader worker processes decoding images and tokenising
+
+
+@dataclass
+class Model:
+    encoder: dict[str, Any] = field(default_factory=dict)
+    connector: dict[str, Any] = field(default_factory=dict)
+    llm: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Distributed:
+    strategy: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
+    num_processes: Optional[int] = None  # processes (GPUs) the grid launcher starts per run; null = grid default
+
+
+@dataclass
+class Eval:
+    tasks: list[Any] = field(default_factory=list)  # run after the last stage (eval.runner task specs)
+    quick_tasks: list[Any] = field(default_factory=list)  # run every `every_steps` during training
+    every_steps: int = 0
+
+
+@dataclass
+class Run:
+    name: str = "run"
+    seed: int = 0
+    out_root: str = "runs"  # default parent of the run dir when `--out` is not given
+    artifact_store: Optional[str] = None  # shared stage artifacts (default: RUN_DIR/artifacts)
+    feature_cache_dir: Optional[str] = None  # default: ~/.cache/vlm-ablate/features
+    log_every: int = 1
+    progress: bool = True
+    trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    keep_final_checkpoints: bool = True  # false: drop a stage's checkpoints once its artifact is in place
+
+
+@dataclass
+class Recipe:
+    run: Run = field(default_factory=Run)
+    model: Model = field(default_factory=Model)
+    datasets: dict[str, Dataset] = field(default_factory=dict)
+    data: Data = field(default_factory=Data)
+    stages: dict[str, Stage] = field(default_factory=dict)
+    distributed: Distributed = field(default_factory=Distributed)
+    eval: Eval = field(default_factory=Eval)
+
+
+# --------------------------------------------------------------------------- composition
+def read_yaml(path: Path, where: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"recipe file {path} not found ({where}); check the path.")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OmegaConfBaseException, Exception) as e:  # yaml.YAMLError and friends
+        raise UserError(f"cannot parse recipe {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping at the top level, got {type(data).__name__}.")
+    return data
+
+
+def _find_base(entry: str, including: Path) -> Path:
+    for root in (including.parent, RECIPES_ROOT):
+        cand = (root / entry).resolve()
+        if cand.is_file():
+            return cand
+    raise UserError(f"base file {entry!r} listed in `defaults` of {including} not found next to it or under "
+                    f"{RECIPES_ROOT}; fix the path.")
+
+
+def _normalise(layer: dict) -> dict:
+    """Expand shorthands so layers merge key-wise: `llm: full` -> `llm: {mode: full}`; `data: x` -> list."""
+    for stage in (layer.get("stages") or {}).values() if isinstance(layer.get("stages"), dict) else ():
+        if not isinstance(stage, dict):
+            continue
+        fr = stage.get("freeze")
+        if isinstance(fr, dict):
+            for m, v in list(fr.items()):
+                if isinstance(v, str):
+                    fr[m] = {"mode": v}
+        d = stage.get("data")
+        if isinstance(d, str):
+            d = [d]
+        if isinstance(d, list):
+            stage["data"] = [{"dataset": x} if isinstance(x, str) else x for x in d]
+    return layer
+
+
+def _compose_file(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"recipe {path} includes itself through `defaults`: {' -> '.join(map(str, seen + (path,)))}.")
+    body = read_yaml(path, "recipe" if not seen else f"included from {seen[-1]}")
+    defaults = body.pop("defaults", []) or []
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise UserError(f"`defaults` in {path} must be a list of file paths, got {defaults!r}.")
+    layers: list[dict] = []
+    for d in defaults:
+        layers += _compose_file(_find_base(d, path), seen + (path,))
+    return layers + [_normalise(body)]
+
+
+def _apply_override(cfg: DictConfig, ov: str) -> None:
+    """`key=value`: a mapping value replaces the node, anything else is set. `stages.<i>.` may index stages;
+    a bare string for `stages.<s>.freeze.<module>` sets its mode only (keeping its lr and friends)."""
+    if "=" not in ov:
+        raise UserError(f"override {ov!r} is not of the form key=value (e.g. run.seed=1).")
+    key = ov.split("=", 1)[0].strip()
+    try:
+        value: Any = OmegaConf.to_container(OmegaConf.from_dotlist([ov]))
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot parse override {ov!r}: {e}") from None
+    parts = key.split(".")
+    for part in parts:
+        value = value[part]
+    if len(parts) > 1 and parts[0] == "stages" and parts[1].isdigit():
+        names = list(cfg.get("stages") or {})
+        if int(parts[1]) >= len(names):
+            raise UserError(f"override {ov!r}: stage index {parts[1]} but the recipe has {len(names)} stages "
+                            f"({', '.join(names)}).")
+        parts[1] = names[int(parts[1])]
+    if len(parts) == 4 and parts[0] == "stages" and parts[2] == "freeze" and isinstance(value, str):
+        parts.append("mode")
+    if len(parts) == 3 and parts[0] == "stages" and parts[2] == "data":
+        value = _normalise({"stages": {"s": {"data": value}}})["stages"]["s"]["data"]
+    try:
+        OmegaConf.update(cfg, ".".join(parts), value, merge=not isinstance(value, dict))
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot apply override {ov!r}: {e}") from None
+
+
+def compose(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """Merge base files and the recipe body, apply `key=value` overrides; a plain (unvalidated) dict."""
+    try:
+        merged = OmegaConf.merge(*[OmegaConf.create(layer) for layer in _compose_file(Path(path))])
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot compose recipe {path}: {e}") from None
+    for ov in overrides:
+        _apply_override(merged, ov)
+    try:
+        return _normalise(OmegaConf.to_container(merged, resolve=True))
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot resolve recipe {path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- validation
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(value, inner[0], where)
+    if value is None:
+        raise UserError(f"{where} must not be null (expected {_type_name(tp)}).")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"{where} = {value!r} is not one of {', '.join(map(repr, args))}.{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, "
+                            f"got {value!r}.")
+        return _check_dataclass(value, tp, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list, got {type(value).__name__} {value!r}.")
+        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping, got {type(value).__name__} {value!r}.")
+        return {str(k): _check(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise UserError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _check_dataclass(value: dict, tp: type, where: str) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    hints = typing.get_type_hints(tp)
+    for key in value:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" Did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+            raise UserError(f"unknown recipe key {where + '.' if where else ''}{key}.{hint} "
+                            f"Valid keys here: {', '.join(fields)}.")
+    out = {}
+    for name, f in fields.items():
+        sub = f"{where}.{name}" if where else name
+        if name in value:
+            out[name] = _check(value[name], hints[name], sub)
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[name] = _check(dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default,
+                               hints[name], sub)
+        if out[name] == "???":
+            raise UserError(f"{sub} is required.")
+    return out
+
+
+def _check_semantics(cfg: dict, where: str) -> None:
+    stages = cfg["stages"]
+    if not stages or not any(s["enabled"] for s in stages.values()):
+        raise UserError(f"recipe {where} has no enabled stage under `stages:`; add one (see docs/recipes.md).")
+    for key in ("encoder", "connector", "llm"):
+        if not cfg["model"][key]:
+            raise UserError(f"recipe {where}: model.{key} is empty; set it (e.g. defaults: [models/tiny.yaml]).")
+    used = {item["dataset"] for st in stages.values() if st["enabled"] for item in st["data"]}
+    for name, ds in cfg["datasets"].items():
+        if name in used:  # a data file may define more sources than a recipe uses
+            _check_dataset(name, ds)
+    for sname, st in stages.items():
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", sname):
+            raise UserError(f"stage name {sname!r} may only hold letters, digits, '_' and '-'.")
+        if not st["enabled"]:
+            continue
+        if not st["data"]:
+            raise UserError(f"stages.{sname}.data is empty; list dataset names from `datasets:`.")
+        for i, item in enumerate(st["data"]):
+            if item["dataset"] not in cfg["datasets"]:
+                close = difflib.get_close_matches(item["dataset"], list(cfg["datasets"]), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise UserError(f"stages.{sname}.data[{i}] names dataset {item['dataset']!r}, which is not defined "
+                                f"under `datasets:`.{hint} Defined: {', '.join(cfg['datasets']) or 'none'}.")
+            if item["weight"] <= 0 or (item["max_samples"] is not None and item["max_samples"] <= 0):
+                raise UserError(f"stages.{sname}.data[{i}]: weight and max_samples must be positive.")
+        for k in ("batch_size", "grad_accum", "max_length"):
+            if st[k] < 1:
+                raise UserError(f"stages.{sname}.{k} must be >= 1, got {st[k]}.")
+        if st["max_steps"] is not None and st["max_steps"] < 1:
+            raise UserError(f"stages.{sname}.max_steps must be >= 1 or null, got {st['max_steps']}.")
+        check_policy_static(st["freeze"], f"stages.{sname}.freeze")
+    for tracker in cfg["run"]["trackers"]:
+        pkgs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[tracker]
+        if not any(importlib.util.find_spec(p) for p in pkgs):
+            raise UserError(f"run.trackers lists {tracker}, but {pkgs[0]} is not installed; `pip install {pkgs[0]}` "
+                            "or remove it from run.trackers.")
+    if cfg["distributed"]["strategy"].startswith("deepspeed"):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(f"distributed.strategy = {cfg['distributed']['strategy']} needs DeepSpeed, which is not "
+                            "installed; `pip install deepspeed` (or `.[deepspeed]`) or use ddp / fsdp.")
+        on = [st for st in stages.values() if st["enabled"]]
+        if any(st["grad_accum"] != 1 for st in on) or len({st["optim"]["max_grad_norm"] for st in on}) != 1 \
+                or len({st["batch_size"] for st in on}) != 1:
+            raise UserError(f"distributed.strategy {cfg['distributed']['strategy']}: DeepSpeed fixes the micro-batch, "
+                            "accumulation and clipping for the whole run; use grad_accum: 1 and the same batch_size "
+                            "and optim.max_grad_norm in every stage (or ddp / fsdp).")
+
+
+def _check_dataset(name: str, ds: dict) -> None:
+    where = f"datasets.{name}"
+    if ds["type"] == "llava":
+        p = ds["path"]
+        if not p:
+            raise UserError(f"{where}.path is required for a llava dataset (a .json/.jsonl file or hf://repo/file).")
+        if not p.startswith("hf://") and not Path(p).expanduser().is_file():
+            raise UserError(f"{where}.path: file {p} not found; fix the path (relative paths are relative to the "
+                            "working directory).")
+    elif ds["type"] == "hf":
+        if not ds["path"]:
+            raise UserError(f"{where}.path is required for an hf dataset (hub id, local dir, or a builder like json).")
+        for f in ds["data_files"] or []:
+            if not Path(f).expanduser().exists():
+                raise UserError(f"{where}.data_files: {f} not found; fix the path.")
+    if ds["image_root"] and not Path(ds["image_root"]).expanduser().is_dir():
+        raise UserError(f"{where}.image_root: directory {ds['image_root']} not found; fix the path.")
+
+
+def validate(raw: dict, where: str = "recipe") -> dict:
+    """Check a composed dict against the schema; return it with defaults filled in."""
+    cfg = _check_dataclass(raw, Recipe, "")
+    _check_semantics(cfg, where)
+    return cfg
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose, resolve and validate a recipe (no model is built). Raises UserError on any problem."""
+    return OmegaConf.create(validate(compose(path, overrides), str(path)))
+
+
+def plain(cfg: Any) -> Any:
+    """A recipe node as plain Python containers (a DictConfig is resolved; anything else is returned as is)."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def enabled_stages(cfg: DictConfig | dict) -> list[str]:
+    return [name for name, st in cfg["stages"].items() if st["enabled"]]

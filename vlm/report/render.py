@@ -1,0 +1,188 @@
+"""A grid report (`vlm report GRID_DIR`): results.csv, report.md, a self-contained report.html and plots/*.png.
+
+Every planned point appears in every table, with its state; runs that are missing or failed are listed as
+such and never dropped. Axis effects are paired differences (see `vlm.report.effects.axis_effects`).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from vlm.io import atomic_write_bytes, atomic_write_text
+from vlm.report import plots as report_plots
+from vlm.report.collect import HEADLINE, PROTOCOL_METRICS, Collected, collect
+from vlm.report.effects import axis_effects
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def write_csv(data: Collected, path: Path) -> None:
+    metric_cols = sorted({k for r in data.rows for k in r.metrics} - set(HEADLINE))
+    cols = ["run_id", "state", *data.axes, *HEADLINE, *metric_cols, "error"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for r in data.rows:
+        w.writerow([r.id, r.state, *(r.labels.get(a, "") for a in data.axes),
+                    *(r.metrics.get(k, "") for k in HEADLINE), *(r.metrics.get(k, "") for k in metric_cols),
+                    (r.error or "").replace("\n", " ")])
+    atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- tables as (title, header, rows)
+
+Table = tuple[str, list[str], list[list[Any]]]
+
+
+def overview_table(data: Collected) -> Table:
+    header = ["run", "state", *data.axes, "fine-grained", "general", "gap"]
+    rows = [[r.id, r.state, *(r.labels[a] for a in data.axes), *(r.metrics.get(k) for k in HEADLINE)]
+            for r in data.rows]
+    return "Runs", header, rows
+
+
+def effects_table(effects: list[dict[str, Any]]) -> Table:
+    header = ["axis", "level", "vs", "Δ fine-grained", "Δ general", "pairs"]
+    rows = [[e["axis"], e["level"], e["reference"], e["fine_grained"], e["general"], e["fine_grained_pairs"]]
+            for e in effects]
+    return "Axis effects (mean paired change when only this axis changes)", header, rows
+
+
+FAMILIES = {"fine_grained": "fine-grained classification", "general": "general VQA", "diagnostic": "fine-grained diagnostics",
+            "probe": "linear probes"}
+
+
+def _missing(r) -> str | None:
+    return None if r.state == "done" else r.state
+
+
+def dataset_tables(data: Collected) -> list[Table]:
+    """One table per task family: runs × tasks (datasets), each cell the task's headline score."""
+    tables = []
+    families = list(dict.fromkeys(t["family"] for r in data.rows for t in r.tasks.values()))
+    for fam in sorted(families, key=lambda f: list(FAMILIES).index(f) if f in FAMILIES else 99):
+        tasks = sorted({n for r in data.rows for n, t in r.tasks.items() if t["family"] == fam})
+        heads = {n: next(t["headline"] for r in data.rows for m, t in r.tasks.items() if m == n) for n in tasks}
+        rows = [[r.id, *(r.tasks[n]["score"] if n in r.tasks else _missing(r) for n in tasks)] for r in data.rows]
+        tables.append((f"Per dataset — {FAMILIES.get(fam, fam)}", ["run", *(f"{n} ({heads[n]})" for n in tasks)], rows))
+    return tables
+
+
+def protocol_tables(data: Collected) -> list[Table]:
+    """Fine-grained classification by protocol: the mean over datasets, then one runs × datasets table each."""
+    protocols = [p for p in PROTOCOL_METRICS if any(p in t["protocols"] for r in data.rows for t in r.tasks.values())]
+    if not protocols:
+        return []
+    summary = []
+    for r in data.rows:
+        cells = []
+        for p in protocols:
+            vals = [t["protocols"][p] for t in r.tasks.values() if p in t["protocols"]]
+            cells.append(sum(vals) / len(vals) if vals else _missing(r))
+        summary.append([r.id, *cells])
+    tables = [("Per protocol — fine-grained classification, mean over datasets",
+               ["run", *(f"{p} ({PROTOCOL_METRICS[p]})" for p in protocols)], summary)]
+    for p in protocols:
+        tasks = sorted({n for r in data.rows for n, t in r.tasks.items() if p in t["protocols"]})
+        rows = [[r.id, *(r.tasks[n]["protocols"].get(p) if n in r.tasks else _missing(r) for n in tasks)] for r in data.rows]
+        tables.append((f"Protocol `{p}` ({PROTOCOL_METRICS[p]}) per dataset", ["run", *tasks], rows))
+    return tables
+
+
+def probe_pairs(data: Collected) -> list[dict[str, Any]]:
+    """(run, probe task): the probe's accuracy and the VLM's headline accuracy on the same data source."""
+    pairs = []
+    for r in data.rows:
+        for name, t in r.tasks.items():
+            if t["family"] != "probe":
+                continue
+            vlm = [(n, u) for n, u in r.tasks.items() if u["family"] == "fine_grained" and u["source"] == t["source"]]
+            pairs.append({"run": r.id, "dataset": vlm[0][0] if vlm else name, "probe": t["score"],
+                          "vlm": vlm[0][1]["score"] if vlm else None,
+                          "vlm_metric": vlm[0][1]["headline"] if vlm else None})
+    return pairs
+
+
+def probe_table(pairs: list[dict[str, Any]]) -> Table:
+    rows = [[p["run"], p["dataset"], p["probe"], p["vlm"], p["vlm_metric"],
+             None if p["vlm"] is None else p["probe"] - p["vlm"]] for p in pairs]
+    return "Linear-probe ceiling vs the VLM", ["run", "dataset", "probe acc", "VLM", "VLM metric", "probe − VLM"], rows
+
+
+def problems_table(data: Collected) -> Table:
+    rows = [[r.id, r.state, r.error or ("no results.json" if r.state == "done" else "not finished")]
+            for r in data.rows if not r.ok]
+    return "Missing or failed runs", ["run", "state", "why"], rows
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _md_table(t: Table) -> str:
+    title, header, rows = t
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(t: Table) -> str:
+    title, header, rows = t
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td class='{_cls(c)}'>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<h2>{html.escape(title)}</h2>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+
+
+def _cls(c: Any) -> str:
+    return {"failed": "bad", "missing": "bad", "pending": "warn", "interrupted": "warn", "running": "warn",
+            "queued": "warn"}.get(c, "num" if isinstance(c, float) else "")
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}td.num{text-align:right;font-family:monospace}
+td.bad{background:#fdd}td.warn{background:#ffd}img{max-width:100%;border:1px solid #eee;margin:1em 0}"""
+
+
+def build_report(grid_dir: str | Path) -> dict[str, Path]:
+    """Write every report file into the grid dir; returns their paths."""
+    grid_dir = Path(grid_dir)
+    data = collect(grid_dir)
+    effects = axis_effects(data)
+    pairs = probe_pairs(data)
+    plots_dir = grid_dir / "plots"
+    plots = {name: p for name, p in {
+        "fine-grained vs general": report_plots.scatter_fine_vs_general(data, plots_dir / "fine_vs_general.png"),
+        "axis effects": report_plots.axis_effects(effects, plots_dir / "axis_effects.png"),
+        "linear-probe ceiling": report_plots.probe_ceiling(pairs, plots_dir / "probe_ceiling.png"),
+        "training dynamics": report_plots.dynamics(data, plots_dir / "dynamics.png"),
+    }.items() if p is not None}
+    tables = [overview_table(data), effects_table(effects), *dataset_tables(data), *protocol_tables(data)]
+    if pairs:
+        tables.append(probe_table(pairs))
+    tables.append(problems_table(data))
+    n_ok = sum(r.ok for r in data.rows)
+    summary = f"{len(data.rows)} planned runs: {n_ok} finished with results, {len(data.rows) - n_ok} missing or failed."
+
+    write_csv(data, grid_dir / "results.csv")
+    md = [f"# Grid report: {data.name}", "", summary, ""]
+    md += [f"![{name}](plots/{p.name})\n" for name, p in plots.items()]
+    md += [_md_table(t) for t in tables]
+    atomic_write_text(grid_dir / "report.md", "\n".join(md))
+    images = "".join(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
+                     f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{html.escape(name)}</figcaption></figure>\n"
+                     for name, p in plots.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.name)} report</title>"
+            f"<style>{CSS}</style></head><body><h1>Grid report: {html.escape(data.name)}</h1><p>{html.escape(summary)}</p>"
+            f"{images}{''.join(_html_table(t) for t in tables)}</body></html>\n")
+    atomic_write_bytes(grid_dir / "report.html", page.encode("utf-8"))
+    return {"csv": grid_dir / "results.csv", "md": grid_dir / "report.md", "html": grid_dir / "report.html", **plots}

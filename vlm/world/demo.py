@@ -1,0 +1,362 @@
+"""`vlm demo [--quick] [--out DIR]`: the README's main job, end to end on one machine.
+
+    1. `vlm zoo prepare dinov2-s efficientnet-lite0 smollm2-135m-instruct`   (a no-op once the cache is ready)
+    2. `vlm data synth` — the generated world the demo recipes name            (cached outside the repo)
+    3. `vlm grid recipes/grids/demo.yaml --out runs/demo`                      (local executor; done points skipped)
+    4. `vlm report runs/demo`                                                  (report.md, report.html, plots/)
+
+then a summary: every point's scores with their standard errors, and every axis's paired difference with the
+standard error of the per-item differences (`summary_markdown`, docs/demo.md).
+`--quick` runs the same grid on `recipes/demo/quick.yaml` (fewer steps and eval items) into runs/demo-quick.
+`--seeds N` adds a `seed` axis (run.seed 0..N-1): every point is trained N times, and the summary measures the
+seed-to-seed spread and marks an axis effect only when it exceeds both the item noise and the seed noise.
+Each step prints what it does and how long it took; the grid step shows every running point's stage and step.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from eval.metrics import vqa_accuracy
+from vlm.errors import UserError
+from vlm.grid.points import launch, plan_grid, print_plan
+from vlm.grid.spec import load_grid
+from vlm.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from vlm.report.render import build_report
+from vlm.world.synth.world import synth_dir
+from vlm.world.zoo.catalogue import get_entry, prepare_entry
+
+ROOT = Path(__file__).resolve().parents[2]
+GRID = ROOT / "recipes" / "grids" / "demo.yaml"
+QUICK_BASE = ROOT / "recipes" / "demo" / "quick.yaml"
+ZOO_ENTRIES = ("dinov2-s", "efficientnet-lite0", "smollm2-135m-instruct")
+SEED_AXIS = "seed"
+WORLD = {"preset": "quick", "seed": 0}  # the world the demo recipes name as `${synth_world:quick,0}`
+
+
+@dataclass
+class Plan:
+    """What `vlm demo` will do; `steps` are (name, description) in order."""
+
+    quick: bool
+    out: Path
+    grid: Path  # the grid file launched (demo.yaml, or a derived copy written into out: quick base / seed axis)
+    workers: int
+    seeds: int = 1
+    steps: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _demo_name(quick: bool, seeds: int) -> str:
+    """`demo`, `demo-quick`, `demo-2seeds`, ...: the default out dir and the derived grid's name."""
+    return "demo" + ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+
+
+def make_plan(quick: bool = False, out: str | Path | None = None, workers: int = 1, seeds: int = 1) -> Plan:
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}.")
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}.")
+    name = _demo_name(quick, seeds)
+    out = Path(out) if out else Path("runs") / name
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose another --out.")
+    grid = out / f"{name.replace('-', '_')}.yaml" if (quick or seeds > 1) else GRID
+    plan = Plan(quick=quick, out=out, grid=grid, workers=workers, seeds=seeds)
+    plan.steps = [
+        ("zoo", f"vlm zoo prepare {' '.join(ZOO_ENTRIES)}"),
+        ("data", f"vlm data synth (preset {WORLD['preset']}, seed {WORLD['seed']}) into the synth cache"),
+        ("grid", f"vlm grid {grid} --out {out} --workers {workers}"),
+        ("report", f"vlm report {out}"),
+    ]
+    return plan
+
+
+def derived_grid_text(quick: bool = False, seeds: int = 1) -> str:
+    """recipes/grids/demo.yaml on the quick recipe and/or with a `seed` axis (0..seeds-1); paths made absolute
+    so the copy runs from any directory."""
+    raw = yaml.safe_load(GRID.read_text(encoding="utf-8"))
+    raw["name"] = _demo_name(quick, seeds)
+    raw["base"] = str(QUICK_BASE if quick else (GRID.parent / raw["base"]).resolve())
+    if seeds > 1:
+        raw["axes"][SEED_AXIS] = {"values": {str(s): {"run.seed": s} for s in range(seeds)}}
+    flags = " ".join(f for f, on in (("--quick", quick), (f"--seeds {seeds}", seeds > 1)) if on)
+    return f"# written by `vlm demo {flags}`: derived from recipes/grids/demo.yaml\n" + yaml.safe_dump(raw, sort_keys=False)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def step_zoo(echo: Callable[[str], None]) -> None:
+    for name in ZOO_ENTRIES:
+        prepare_entry(get_entry(name), log=lambda m: echo(f"  {m}"))
+
+
+def step_data(echo: Callable[[str], None]) -> Path:
+    world = synth_dir({**WORLD, "cache_dir": None})
+    echo(f"  world: {world}")
+    return world
+
+
+def _point_line(run_dir: Path) -> str | None:
+    path = run_dir / "status.json"
+    if not path.exists():
+        return None
+    try:
+        st = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if st.get("state") == "done":
+        return "trained" if not (run_dir / "eval").exists() else "evaluating / done"
+    step, total = st.get("step"), st.get("total_steps")
+    where = st.get("stage") or "-"
+    return f"{where} {step}/{total}" if step is not None and total else where
+
+
+def watch_points(grid_dir: Path, stop: threading.Event, echo: Callable[[str], None], every: float = 15.0) -> None:
+    """Print each point's stage and step whenever it changes (the point logs hold the details)."""
+    seen: dict[str, str] = {}
+    t0 = time.time()
+    while not stop.wait(every):
+        for run_dir in sorted(p for p in grid_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", "artifacts"))):
+            line = _point_line(run_dir)
+            if line and seen.get(run_dir.name) != line:
+                seen[run_dir.name] = line
+                echo(f"  [{_mmss(time.time() - t0)}] {run_dir.name}: {line}")
+
+
+def step_grid(plan: Plan, echo: Callable[[str], None]) -> dict[str, str]:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    if plan.grid != GRID:
+        atomic_write_text(plan.grid, derived_grid_text(plan.quick, plan.seeds))
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_points, args=(plan.out, stop, echo), daemon=True)
+    watcher.start()
+    try:
+        outcome = launch(plan.grid, plan.out, executor="local", workers=plan.workers, echo=lambda m: echo(f"  {m}"))
+    finally:
+        stop.set()
+        watcher.join(timeout=1)
+    return outcome
+
+
+def step_report(plan: Plan, echo: Callable[[str], None]) -> dict[str, Path]:
+    files = build_report(plan.out)
+    for name, path in files.items():
+        echo(f"  {name}: {path}")
+    return files
+
+
+# ---------------------------------------------------------------- noise check from per-item predictions
+
+# (task dir, metric name) -> per-item score of a predictions.jsonl record
+ITEM_SCORES: dict[tuple[str, str], Callable[[dict], float]] = {
+    ("synth_fg_mc", "mc_acc"): lambda r: float(r["mc_pred"] == r["mc_answer"]),
+    ("synth_fg_rank", "rank_top1"): lambda r: float(bool(r["likelihood_sum_top1_correct"])),
+    ("synth_fg_rank", "rank_top5"): lambda r: float(bool(r["likelihood_sum_top5_correct"])),
+    ("synth_fg_open", "open_acc"): lambda r: float(bool(r["open_correct"])),
+    ("synth_vqa", "vqa_acc"): lambda r: _vqa(r),
+    ("synth_spec", "spec_acc"): lambda r: float(bool(r["correct"])),
+}
+
+
+def _vqa(r: dict) -> float:
+    return vqa_accuracy(r["prediction"], r["answers"])
+
+
+def item_scores(run_dir: Path) -> dict[str, dict[str, float]]:
+    """metric -> {item id: score} from a run's eval/<task>/predictions.jsonl (metrics whose fields are absent skipped)."""
+    out: dict[str, dict[str, float]] = {}
+    for (task, metric), fn in ITEM_SCORES.items():
+        recs = list(read_jsonl(run_dir / "eval" / task / "predictions.jsonl"))
+        try:
+            scores = {str(r["id"]): fn(r) for r in recs}
+        except KeyError:
+            continue
+        if scores:
+            out[metric] = scores
+    return out
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample sd / sqrt(n)); SE 0 for n < 2."""
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, 0.0
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, (var / n) ** 0.5
+
+
+def paired_effects(points: list[dict[str, Any]], scores: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """For every axis and non-reference level: per-item differences (level − reference) over every pair of
+    points that differ in that axis only, pooled; mean, SE, the number of paired items and of point pairs.
+    The SE is the item-sampling error of the difference (same items in both points), so |mean| > 2 SE is a
+    difference the eval set resolves; training-seed noise comes from `seed_noise`. The seed axis is skipped."""
+    axes = list(points[0]["labels"]) if points else []
+    effects = []
+    for axis in axes:
+        if axis == SEED_AXIS:
+            continue
+        levels = list(dict.fromkeys(p["labels"][axis] for p in points))
+        for level in levels[1:]:
+            for metric in sorted({m for s in scores.values() for m in s}):
+                diffs, pairs = [], 0
+                for p in points:
+                    if p["labels"][axis] != levels[0]:
+                        continue
+                    twin = next((q for q in points if q["labels"][axis] == level and all(
+                        q["labels"][a] == p["labels"][a] for a in axes if a != axis)), None)
+                    a = scores.get(p["id"], {}).get(metric)
+                    b = scores.get(twin["id"], {}).get(metric) if twin else None
+                    if a and b:
+                        diffs += [b[i] - a[i] for i in a if i in b]
+                        pairs += 1
+                if diffs:
+                    m, se = mean_se(diffs)
+                    effects.append({"axis": axis, "level": level, "reference": levels[0], "metric": metric,
+                                    "diff": m, "se": se, "n": len(diffs), "pairs": pairs})
+    return effects
+
+
+def seed_noise(points: list[dict[str, Any]], scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """metric -> {"sd", "pairs", "diffs"} from the `seed` axis: for every point trained with another seed than the
+    first, the difference of its mean score from its first-seed twin (same settings otherwise, same items).
+    `sd` is their root mean square: the spread of a difference between two independently trained points that
+    training randomness alone produces. An effect pooled over k point pairs has seed noise sd / sqrt(k)."""
+    if not points or SEED_AXIS not in points[0]["labels"]:
+        return {}
+    first = points[0]["labels"][SEED_AXIS]
+    others = [a for a in points[0]["labels"] if a != SEED_AXIS]
+    out: dict[str, dict[str, Any]] = {}
+    for metric in sorted({m for s in scores.values() for m in s}):
+        diffs = []
+        for p in points:
+            if p["labels"][SEED_AXIS] == first:
+                continue
+            twin = next((q for q in points if q["labels"][SEED_AXIS] == first and all(
+                q["labels"][a] == p["labels"][a] for a in others)), None)
+            a = scores.get(twin["id"], {}).get(metric) if twin else None
+            b = scores.get(p["id"], {}).get(metric)
+            common = [i for i in (a or {}) if i in (b or {})]
+            if common:
+                diffs.append(sum(b[i] - a[i] for i in common) / len(common))
+        if diffs:
+            out[metric] = {"sd": (sum(d * d for d in diffs) / len(diffs)) ** 0.5, "pairs": len(diffs), "diffs": diffs}
+    return out
+
+
+def beyond_noise(effect: dict[str, Any], noise: dict[str, dict[str, Any]]) -> bool:
+    """|Δ| > 2 SE (items) and, when the grid has a seed axis, |Δ| > 2 x the seed noise of the pooled effect."""
+    if effect["se"] <= 0 or abs(effect["diff"]) <= 2 * effect["se"]:
+        return False
+    n = noise.get(effect["metric"])
+    return n is None or abs(effect["diff"]) > 2 * n["sd"] / effect["pairs"] ** 0.5
+
+
+def summary_markdown(grid_dir: Path) -> str:
+    """Per-point scores ± SE and paired axis effects ± SE, from the per-item predictions of a grid dir."""
+    plan_file = Path(grid_dir) / "_grid" / "plan.json"
+    if not plan_file.exists():
+        return "no grid plan found; nothing to summarise.\n"
+    points = read_json(plan_file)["points"]
+    scores = {p["id"]: item_scores(Path(grid_dir) / p["id"]) for p in points}
+    metrics = [m for _, m in ITEM_SCORES if any(m in s for s in scores.values())]
+    lines = ["## Demo summary (mean ± standard error over eval items)", "",
+             "| point | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for p in points:
+        cells = []
+        for m in metrics:
+            xs = list(scores[p["id"]].get(m, {}).values())
+            cells.append("–" if not xs else "{:.3f} ± {:.3f}".format(*mean_se(xs)))
+        lines.append(f"| {p['id']} | " + " | ".join(cells) + " |")
+    effects = paired_effects(points, scores)
+    noise = seed_noise(points, scores)
+    if noise:
+        lines += ["", "## Seed noise (point trained again with another seed − the same point, same items)", "",
+                  "| metric | per-pair differences | sd of a difference (RMS) | pairs |", "|---|---|---|---|"]
+        for m, n in noise.items():
+            lines.append(f"| {m} | {', '.join(f'{d:+.3f}' for d in n['diffs'])} | {n['sd']:.3f} | {n['pairs']} |")
+    if effects:
+        rule = ("|Δ| > 2 SE over items and > 2 x seed sd / √pairs" if noise else
+                "|Δ| > 2 SE over items; no seed axis, so seed noise is not checked (`vlm demo --seeds 2`)")
+        lines += ["", f"## Paired axis effects (level − reference, same items; * = {rule})", "",
+                  "| axis | level vs reference | metric | Δ | SE | seed noise | items | point pairs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in effects:
+            star = " *" if beyond_noise(e, noise) else ""
+            seed = f"{noise[e['metric']]['sd'] / e['pairs'] ** 0.5:.3f}" if e["metric"] in noise else "–"
+            lines.append(f"| {e['axis']} | {e['level']} vs {e['reference']} | {e['metric']} | "
+                         f"{e['diff']:+.3f}{star} | {e['se']:.3f} | {seed} | {e['n']} | {e['pairs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_s() -> float:
+    """CPU seconds used by this process and its finished children: on a busy shared machine, CPU time / cores
+    estimates the wall time the same work takes on an idle one (docs/demo.md)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _mmss(s: float) -> str:
+    return f"{int(s) // 60:02d}:{int(s) % 60:02d}"
+
+
+def run_plan(plan: Plan, echo: Callable[[str], None] = print) -> int:
+    """Run every step of the plan; write `OUT/demo_timings.json`; return 1 if a grid point failed."""
+    timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    t_all, c_all = time.time(), _cpu_s()
+    outcome: dict[str, str] = {}
+    for i, (name, desc) in enumerate(plan.steps, 1):
+        echo(f"[{i}/{len(plan.steps)}] {desc}")
+        t0, c0 = time.time(), _cpu_s()
+        if name == "zoo":
+            step_zoo(echo)
+        elif name == "data":
+            step_data(echo)
+        elif name == "grid":
+            outcome = step_grid(plan, echo)
+        elif name == "report":
+            step_report(plan, echo)
+        timings[name] = round(time.time() - t0, 1)
+        cpu[name] = round(_cpu_s() - c0, 1)
+        echo(f"      {name} took {_mmss(timings[name])} (CPU time {cpu[name]:.0f} s)")
+    timings["total"] = round(time.time() - t_all, 1)
+    cpu["total"] = round(_cpu_s() - c_all, 1)
+    record = {"quick": plan.quick, "workers": plan.workers, "timings_s": timings, "cpu_s": cpu,
+              "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "finished": time.time()}
+    history = plan.out / "demo_timings.json"
+    prior = read_json(history).get("runs", []) if history.exists() else []
+    atomic_write_json(history, {"runs": [*prior, record]})
+    summary = summary_markdown(plan.out)
+    atomic_write_text(plan.out / "demo_summary.md", summary)
+    echo("")
+    echo(summary)
+    echo(f"demo finished in {_mmss(timings['total'])}: {plan.out / 'report.md'}, {plan.out / 'report.html'}, "
+         f"{plan.out / 'demo_summary.md'}")
+    failed = [k for k, v in outcome.items() if v == "failed"]
+    if failed:
+        echo(f"{len(failed)} point(s) failed: see `vlm status {plan.out}` and {plan.out / '_grid' / 'logs'}")
+        return 1
+    return 0
+
+
+def dry_run(plan: Plan, echo: Callable[[str], None] = print) -> None:
+    """Print the plan's steps and the grid's points (with shared stage-1 artifacts); run nothing."""
+    for i, (_, desc) in enumerate(plan.steps, 1):
+        echo(f"[{i}/{len(plan.steps)}] {desc}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plan.grid
+        if path != GRID:
+            path = Path(tmp) / plan.grid.name
+            path.write_text(derived_grid_text(plan.quick, plan.seeds), encoding="utf-8")
+        grid = load_grid(path)
+        print_plan(grid, plan_grid(grid, None))

@@ -1,0 +1,1 @@
+"""The offline model zoo: the catalogue and `zoo:<name>` resolution, pinned downloads, converters."""
