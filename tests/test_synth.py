@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from eval.runner import build_task
 from vlm.cli import main
 from vlm.errors import UserError
 from vlm.world.synth.render import BASIC_COLORS, COLORS, FAMILIES, NUMBER_WORDS, PATTERNS, PROPORTIONS, SHADES, render_scene
@@ -57,7 +58,7 @@ def test_manifest_lists_sizes_and_hashes_of_every_file(world):
     import hashlib
 
     m = _load(world, "world.json")
-    assert (m["seed"], m["preset"], m["version"]) == (0, "tiny", "1")
+    assert (m["seed"], m["preset"], m["version"]) == (0, "tiny", "2")
     assert m["config"] == resolve_config("tiny", **SETTINGS)
     on_disk = {k for k in _tree(world) if k != "world.json"}
     assert set(m["files"]) == on_disk
@@ -68,7 +69,7 @@ def test_manifest_lists_sizes_and_hashes_of_every_file(world):
     assert s["captions_dense"]["count"] == s["captions_coarse"]["count"] == 24
     assert s["vqa_train"]["count"] == 6 and s["vqa_eval"]["count"] == 12
     assert s["vqa_eval"]["questions"] == len(_load(world, "vqa_eval/questions.json")["questions"])
-    assert [s[f"spec_{x}"]["k"] for x in ("absolute_size", "relative_size", "absolute_position", "relative_position",
+    assert [s[f"spec_{x}"]["k"] for x in ("absolute_size", "relative_size", "absolute_spatial", "relative_spatial",
                                          "existence", "count")] == [3, 3, 9, 4, 2, 3]
     assert all(len(v["sha256"]) == 64 for v in s.values())
 
@@ -103,7 +104,7 @@ def test_files_parse_in_the_documented_formats(world):
         assert [x["answer_id"] for x in a["answers"]] == list(range(1, 11))
         assert all(x["answer"] == a["multiple_choice_answer"] for x in a["answers"])
         assert a["answer_type"] in {"yes/no", "number", "other"}
-    for sub in ("absolute_size", "relative_size", "absolute_position", "relative_position", "existence", "count"):
+    for sub in ("absolute_size", "relative_size", "absolute_spatial", "relative_spatial", "existence", "count"):
         i2t, t2i = _load(world, f"spec/{sub}/image2text.json"), _load(world, f"spec/{sub}/text2image.json")
         assert len(i2t) == len(t2i) > 0
         for e in i2t:
@@ -111,6 +112,9 @@ def test_files_parse_in_the_documented_formats(world):
             assert not any(k.endswith(".png") for k in e["keys"])
         for e in t2i:
             assert 0 <= e["label"] < len(e["keys"]) and all((world / "spec" / sub / k).is_file() for k in e["keys"])
+    # the SPEC task reads the world's folder as the release layout: all six subsets, no subset list needed
+    items = build_task({"type": "spec", "name": "s", "path": str(world / "spec")}).items()
+    assert {it["subset"] for it in items} == {p.name for p in (world / "spec").iterdir() if p.is_dir()}
 
 
 # ------------------------------------------------------------------------------------ classification, captions
@@ -226,8 +230,8 @@ def test_vqa_answers_agree_with_the_scene_records(world, scenes):
 
 # ------------------------------------------------------------------------------------ SPEC-style
 
-DIFFERS = {"absolute_size": {"scale"}, "relative_size": {"scale"}, "absolute_position": {"cx", "cy"},
-           "relative_position": {"cx", "cy"}, "count": {"cx", "cy"}}
+DIFFERS = {"absolute_size": {"scale"}, "relative_size": {"scale"}, "absolute_spatial": {"cx", "cy"},
+           "relative_spatial": {"cx", "cy"}, "count": {"cx", "cy"}}
 
 
 def _without(obj: dict, keys: set[str]) -> dict:
@@ -239,7 +243,7 @@ def test_spec_cases_differ_only_in_the_intended_attribute(world, scenes):
     for rec in scenes.values():
         if rec["set"].startswith("spec_"):
             cases[(rec["set"][5:], rec["meta"]["case"])].append(rec)
-    assert {sub for sub, _ in cases} == {"absolute_size", "relative_size", "absolute_position", "relative_position", "existence", "count"}
+    assert {sub for sub, _ in cases} == {"absolute_size", "relative_size", "absolute_spatial", "relative_spatial", "existence", "count"}
     for (sub, _), recs in cases.items():
         recs.sort(key=lambda r: r["meta"]["k"])
         ss = [r["scene"] for r in recs]
@@ -262,10 +266,10 @@ def test_spec_cases_differ_only_in_the_intended_attribute(world, scenes):
             o = {x["role"]: x for x in s["objects"]}
             if sub == "absolute_size":
                 assert o["A"]["scale"] == ABS_SIZES[v]
-            elif sub == "absolute_position":
+            elif sub == "absolute_spatial":
                 gx, gy = GRID[v]
                 assert abs(o["A"]["cx"] - gx / 6) < 0.03 and abs(o["A"]["cy"] - gy / 6) < 0.03
-            elif sub == "relative_position":
+            elif sub == "relative_spatial":
                 a, b = o["A"], o["B"]
                 assert {"left": a["cx"] < b["cx"] - 0.3, "right": a["cx"] > b["cx"] + 0.3,
                         "above": a["cy"] < b["cy"] - 0.3, "below": a["cy"] > b["cy"] + 0.3}[v]
@@ -275,7 +279,7 @@ def test_spec_cases_differ_only_in_the_intended_attribute(world, scenes):
 
 
 def test_spec_labels_point_at_the_matching_text_and_image(world, scenes):
-    for sub in ("absolute_size", "relative_size", "absolute_position", "relative_position", "existence", "count"):
+    for sub in ("absolute_size", "relative_size", "absolute_spatial", "relative_spatial", "existence", "count"):
         meta = {rec["image"].split(f"spec/{sub}/")[1]: rec["meta"] for rec in scenes.values() if rec["set"] == f"spec_{sub}"}
         for e in _load(world, f"spec/{sub}/image2text.json"):
             assert e["keys"][e["label"]] == meta[e["query"]]["text"]

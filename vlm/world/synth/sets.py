@@ -218,7 +218,7 @@ def vqa_questions(scene: dict, rng: random.Random, families: list[str], k: int) 
 
 # ------------------------------------------------------------------------------------------ SPEC-style
 
-SPEC_SUBSETS = ("absolute_size", "relative_size", "absolute_position", "relative_position", "existence", "count")
+SPEC_SUBSETS = ("absolute_size", "relative_size", "absolute_spatial", "relative_spatial", "existence", "count")
 ABS_SIZES = {"small": 0.22, "medium": 0.4, "large": 0.62}
 GRID = {"top left": (1, 1), "top": (3, 1), "top right": (5, 1), "left": (1, 3), "center": (3, 3), "right": (5, 3),
         "bottom left": (1, 5), "bottom": (3, 5), "bottom right": (5, 5)}  # centres in sixths of the side
@@ -253,11 +253,11 @@ def spec_case(subset: str, rng: random.Random, classes: list[dict], image_size: 
         values = list(ABS_SIZES)
         scenes = [scene(obj(ca, rot_a, "A", cx=0.5 + jx, cy=0.5 + jy, scale=ABS_SIZES[v])) for v in values]
         texts = [f"A {v} {a_name} in the image." for v in values]
-    elif subset == "absolute_position":
+    elif subset == "absolute_spatial":
         values = list(GRID)
         scenes = [scene(obj(ca, rot_a, "A", cx=GRID[v][0] / 6 + jx / 2, cy=GRID[v][1] / 6 + jy / 2, scale=0.28)) for v in values]
         texts = [f"A {a_name} {'in' if v == 'center' else 'at'} the {v} of the image." for v in values]
-    elif subset == "relative_position":
+    elif subset == "relative_spatial":
         values = list(RELATIONS)
         off = {"left": (-0.21, 0), "right": (0.21, 0), "above": (0, -0.21), "below": (0, 0.21)}
         scenes = [scene(obj(ca, rot_a, "A", cx=0.5 + off[v][0] + jx, cy=0.5 + off[v][1] + jy, scale=0.3),

@@ -26,7 +26,7 @@ from vlm.world.synth.sets import (
     coarse_caption, dense_caption, rng_for, spec_case, vqa_questions, vqa_scene,
 )
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: SPEC subsets renamed to the release's absolute_spatial / relative_spatial
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(families=2, classes_per_family=2, train_per_class=2, test_per_class=1, image_size=48,
                  vqa_train=4, vqa_eval=4, spec_cases=2, spec_max_count=3),
