@@ -104,3 +104,62 @@ def test_export_refuses_non_llava_connector(tmp_path):
     with pytest.raises(UserError, match="mlp2x_gelu"):
         export_hf_llava(ours, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def _smooth_image(h: int, w: int) -> Image.Image:
+    """A photo-like (smooth) image whose resized size is the same under rounding and truncation."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return Image.fromarray(np.stack([xx * 3, yy * 5, (xx + yy) * 2], -1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("encoder,family,resize", [("clip", "vicuna_v1", None), ("siglip", "chatml", None),
+                                                   ("clip", "vicuna_v1", "letterbox")])
+def test_export_runs_in_hf_pipeline(tmp_path, encoder, family, resize):
+    """A new user's path: AutoProcessor + apply_chat_template (list-of-parts messages) + generate on the export
+    gives our generate token for token, and our score equals HF's forward on the processor's inputs."""
+    from transformers import AutoProcessor
+
+    torch.manual_seed(2)
+    cfg = tiny_vlm_config(encoder=encoder, llm="llama", family=family)
+    if resize:
+        cfg["encoder"]["resize"] = resize
+    ours = build_vlm(cfg).eval()
+    out = export_hf_llava(ours, tmp_path / "export")
+    assert (out / "processor_config.json").exists() and (out / "preprocessor_config.json").exists()
+    # the PIL backend resizes as our encoders do (PIL bicubic); the default torchvision one antialiases tensors
+    # and differs slightly (docs/adding_a_vlm_family.md)
+    proc = AutoProcessor.from_pretrained(out, backend="pil")
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    images = [_smooth_image(40, 70), _smooth_image(30, 56)]
+    questions = ["What is shown in the picture?", "Describe the image."]
+    ours_out = ours.generate(images, [f"<image>\n{q}" for q in questions], max_new_tokens=8)
+    for img, q, answer in zip(images, questions, ours_out):
+        msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}]
+        inputs = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == ours._prompt_ids(f"<image>\n{q}", 1, chat_template=True)
+        assert torch.allclose(inputs["pixel_values"], ours.preprocess([img]), atol=1e-5)
+        gen = hf.generate(**inputs, max_new_tokens=8, do_sample=False)
+        new = gen[0, inputs["input_ids"].shape[1]:]
+        assert len(new) > 0
+        assert answer == proc.tokenizer.decode(new, skip_special_tokens=True).strip()
+        cont = ours._continuation_ids(" a red square")
+        full = torch.cat([inputs["input_ids"], torch.tensor([cont])], 1)
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(input_ids=full, pixel_values=inputs["pixel_values"]).logits[0].float(), -1)
+        start = inputs["input_ids"].shape[1]
+        ref = float(sum(logp[start - 1 + t, tok] for t, tok in enumerate(cont)))
+        assert ours.score([img], [f"<image>\n{q}"], [[" a red square"]])[0][0]["sum_logprob"] == pytest.approx(ref, abs=1e-4)
+
+
+def test_exported_template_takes_string_and_list_content(tmp_path):
+    ours = build_vlm(tiny_vlm_config(family="vicuna_v1")).eval()
+    out = export_hf_llava(ours, tmp_path / "export")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    as_string = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A cat."}]
+    as_parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]
+    render = lambda m: tok.apply_chat_template(m, tokenize=False)  # noqa: E731
+    assert render(as_string) == render(as_parts) == ours.tokenizer.apply_chat_template(as_string, tokenize=False)

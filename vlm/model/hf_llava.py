@@ -2,11 +2,14 @@
 
 `load_hf_llava(path)` turns a LLaVA checkpoint (CLIP or SigLIP vision tower; Llama, Mistral or
 Qwen2 text model; `mlp2x_gelu` projector) into a `VLM` of this framework; `export_hf_llava(vlm, out)`
-writes a checkpoint that `LlavaForConditionalGeneration.from_pretrained` loads. Weights are moved by
-name, so both directions are exact (tested to 1e-4 on log-probs and logits in fp32).
+writes a checkpoint that `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor` load, whose
+chat template takes HF's list-of-parts messages. Weights are moved by name, so both directions are exact
+(tested to 1e-4 on log-probs and logits in fp32, and token for token through AutoProcessor +
+apply_chat_template + generate).
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, PreTrainedModel,
+    AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessor, LlavaProcessor,
+    PreTrainedModel,
 )
 
 from connectors import build_connector
@@ -159,24 +163,84 @@ def to_hf_llava(vlm: Any) -> Any:
     return hf.eval()
 
 
+# Prepended to the exported chat template: HF's list-of-parts message content ({"type": "image"},
+# {"type": "text", "text": ...}) becomes the plain string the model was trained on, an image part
+# as the image token and a newline (LLaVA's "<image>\n" + question), so HF's processors and servers can
+# use the template while string content renders exactly as before (IMAGE_TOKEN: the image token, quoted).
+LIST_CONTENT_PREAMBLE = """{#- vlm-ablate export: list-of-parts content -> the plain string this model was trained on -#}
+{%- set parts_ns = namespace(messages=[]) -%}
+{%- for message in messages -%}
+{%- if message['content'] is string -%}
+{%- set parts_ns.messages = parts_ns.messages + [message] -%}
+{%- else -%}
+{%- set text_ns = namespace(value='') -%}
+{%- for part in message['content'] -%}
+{%- if part['type'] == 'image' -%}
+{%- set text_ns.value = text_ns.value + IMAGE_TOKEN + '\\n' -%}
+{%- elif part['type'] == 'text' -%}
+{%- set text_ns.value = text_ns.value + part['text'] -%}
+{%- endif -%}
+{%- endfor -%}
+{%- set parts_ns.messages = parts_ns.messages + [{'role': message['role'], 'content': text_ns.value}] -%}
+{%- endif -%}
+{%- endfor -%}
+{%- set messages = parts_ns.messages -%}
+"""
+
+
+def hf_chat_template(template: str, image_token: str) -> str:
+    """`template` (written for string message content) made to accept HF's list-of-parts content too."""
+    return LIST_CONTENT_PREAMBLE.replace("IMAGE_TOKEN", json.dumps(image_token)) + template
+
+
+def _image_processor(vlm: Any) -> Any:
+    """A LlavaImageProcessor that reproduces the encoder's transform (resize, center crop or LLaVA's pad)."""
+    t = vlm.encoder.transform
+    h, w = t.size
+    if t.resize == "letterbox" and h != w:
+        raise UserError(f"export to hf-llava: letterbox to a non-square {h}x{w} has no HF image processor equivalent "
+                        "(LlavaImageProcessor pads to a square)")
+    center_crop = t.resize == "center_crop"
+    return LlavaImageProcessor(
+        size={"shortest_edge": min(h, w)} if center_crop else {"height": h, "width": w},
+        crop_size={"height": h, "width": w}, do_center_crop=center_crop, do_pad=t.resize == "letterbox",
+        image_mean=list(t.mean), image_std=list(t.std))
+
+
 def export_hf_llava(vlm: Any, out_dir: str | Path) -> Path:
-    """Write `vlm` as an HF LLaVA checkpoint (model, tokenizer, image processor) into `out_dir`."""
+    """Write `vlm` as an HF LLaVA checkpoint into `out_dir`: model, tokenizer and a `LlavaProcessor`
+    (processor_config.json with patch size and feature strategy, preprocessor_config.json, and the chat
+    template taking both string and list-of-parts content), so `AutoProcessor` + `apply_chat_template`
+    + `generate` run it as they run llava-hf checkpoints."""
+    if not isinstance(vlm, VLM):
+        raise UserError(f"export to hf-llava needs a model of this framework (a run dir, recipe or zoo pair), not "
+                        f"{type(vlm).__name__}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export target {out} exists and is not empty; choose a new --out directory")
+    hf = to_hf_llava(vlm)
+    if not vlm.tokenizer.chat_template:
+        raise UserError("export to hf-llava: the model's tokenizer has no chat template; set `llm.chat_template`")
+    tokenizer = copy.deepcopy(vlm.tokenizer)
+    tokenizer.chat_template = hf_chat_template(vlm.tokenizer.chat_template, vlm.image_token)
+    enc = vlm.encoder
+    processor = LlavaProcessor(
+        image_processor=_image_processor(vlm), tokenizer=tokenizer, image_token=vlm.image_token,
+        patch_size=int(_hf_backbone(enc).config.patch_size),
+        vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1 if enc.has_cls else 0, chat_template=tokenizer.chat_template)
+    h, w = enc.transform.size
+    n = (h // processor.patch_size) * (w // processor.patch_size) + processor.num_additional_image_tokens
+    n -= 1 if processor.vision_feature_select_strategy == "default" else 0  # LlavaProcessor's own count
+    if n != vlm.num_image_tokens:
+        raise UserError(f"export to hf-llava: LlavaProcessor would insert {n} image tokens per image, the model "
+                        f"uses {vlm.num_image_tokens}")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf = to_hf_llava(vlm)
     hf.save_pretrained(tmp)
-    vlm.tokenizer.save_pretrained(tmp)
-    t = vlm.encoder.transform
-    h, w = t.size
-    center_crop = t.resize == "center_crop"
-    CLIPImageProcessor(
-        size={"shortest_edge": min(h, w)} if center_crop else {"height": h, "width": w},
-        crop_size={"height": h, "width": w}, do_center_crop=center_crop,
-        image_mean=list(t.mean), image_std=list(t.std),
-    ).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    # also the separate file that older transformers, vLLM and the llava-hf hub repos use
+    processor.image_processor.save_pretrained(tmp)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
