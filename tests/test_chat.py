@@ -113,18 +113,18 @@ def test_image_is_one_token_and_never_labelled():
 def test_plain_caption_format():
     tok = tokenizer("plain")
     ids, labels = tokenize_caption(tok, "A robin on a branch.", sample_id="c1")
-    assert tok.decode(ids) == "<s><image>A robin on a branch.</s>"
-    assert labelled_spans(tok, ids, labels) == ["A robin on a branch.</s>"]
+    assert tok.decode(ids) == "<s><image>A robin on a branch.\n"  # LLaVA-1.5: sep "\n", no eos
+    assert labelled_spans(tok, ids, labels) == ["A robin on a branch.\n"]
     # LLaVA's plain drops the instruction text of the user turn and keeps the image placeholder
     conv = [{"from": "human", "value": "<image>\nDescribe the photo."}, {"from": "gpt", "value": "A robin."}]
     ids2, _ = tokenize_conversation(tok, conv, sample_id="c2")
-    assert tok.decode(ids2) == "<s><image>A robin.</s>"
+    assert tok.decode(ids2) == "<s><image>A robin.\n"
     assert tok.decode(tokenize_prompt(tok, "<image>\nDescribe.", chat_template=True)) == "<s><image>"
     # any chat tokenizer can be switched to the plain format for one call (a chatml tokenizer has no BOS)
     chat_tok = tokenizer("chatml")
     ids3, labels3 = tokenize_caption(chat_tok, "A robin.", sample_id="c3")
-    assert chat_tok.decode(ids3) == "<image>A robin.<|im_end|>"
-    assert labelled_spans(chat_tok, ids3, labels3) == ["A robin.<|im_end|>"]
+    assert chat_tok.decode(ids3) == "<image>A robin.\n"
+    assert labelled_spans(chat_tok, ids3, labels3) == ["A robin.\n"]
 
 
 def test_prompt_without_chat_template_is_verbatim():

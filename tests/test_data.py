@@ -10,13 +10,14 @@ import torch
 
 from vlm.data.datasets import IGNORE_INDEX, TrainSet, build_mixture, collate, epoch_batches, load_source, micro_batch
 from vlm.errors import UserError
-from vlm.recipe.schema import Dataset, _check_dataclass
+from vlm.config import check
+from vlm.recipe.schema import Dataset
 
 CONV = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
 
 
 def ds_cfg(**kw) -> dict:
-    return _check_dataclass(kw, Dataset, "datasets.x")
+    return check(kw, Dataset, "datasets.x")
 
 
 @pytest.fixture()
@@ -45,9 +46,9 @@ def test_llava_json_and_jsonl_read_the_same(files):
     assert [r.messages for r in a.records] == [r.messages for r in b.records]
     assert a.records[0].messages[0] == {"role": "user", "content": "<image>\nWhat is it?"}
     assert a.records[1].images == [str(files / "ok1.png")] and a.records[2].images == []
-    assert a.records[0].where == f"{files / 'a.json'}:2"  # the line where each object starts
-    assert a.records[1].where == f"{files / 'a.json'}:16"  # (indent=2: the first object spans lines 2-15)
-    assert b.records[1].where == f"{files / 'a.jsonl'}:2"
+    assert a.records[0].where == f"{files / 'a.json'}:2 (row 0, id '0')"  # the line where each object starts
+    assert a.records[1].where == f"{files / 'a.json'}:16 (row 1, id '1')"  # (indent=2: the first spans lines 2-15)
+    assert b.records[1].where == f"{files / 'a.jsonl'}:2 (id '1')"
 
 
 @pytest.mark.parametrize("line, why", [
@@ -63,7 +64,7 @@ def test_broken_records_name_file_and_line_or_are_skipped_and_counted(files, lin
     good = json.dumps(_rec(0))
     (files / "d.jsonl").write_text("\n".join([good, line.replace("CONV", json.dumps(CONV)), good]) + "\n")
     cfg = ds_cfg(type="llava", path=str(files / "d.jsonl"))
-    with pytest.raises(UserError, match=rf"broken training sample at {files / 'd.jsonl'}:2: {why}.*data.on_error=skip"):
+    with pytest.raises(UserError, match=rf"broken training sample at {files / 'd.jsonl'}:2 \(id 'x'\): {why}.*data.on_error=skip"):
         load_source("d", cfg, "raise")
     src = load_source("d", cfg, "skip")
     assert len(src.records) == 2 and len(src.skipped) == 1 and f"{files / 'd.jsonl'}:2" in src.skipped[0]
@@ -71,7 +72,7 @@ def test_broken_records_name_file_and_line_or_are_skipped_and_counted(files, lin
 
 def test_bad_json_inside_an_array_names_the_line(files):
     (files / "d.json").write_text('[\n' + json.dumps(_rec(0)) + ',\n{"id": 1,, }\n]')
-    with pytest.raises(UserError, match=rf"{files / 'd.json'}:3: invalid JSON"):
+    with pytest.raises(UserError, match=rf"{files / 'd.json'}:3 \(row 1, id 1\): invalid JSON"):
         load_source("d", ds_cfg(type="llava", path=str(files / "d.json")), "skip")
 
 
@@ -93,7 +94,7 @@ def test_load_time_broken_samples_unreadable_image_and_overlong(files, tok):
     item = ds[0]
     assert item["input_ids"].count(image_id) == 16  # the placeholder expanded to N' image tokens
     assert all(lab == IGNORE_INDEX for t, lab in zip(item["input_ids"], item["labels"]) if t == image_id)
-    with pytest.raises(UserError, match=rf"{files / 'd.json'}:1: cannot read image .*broken\.png"):
+    with pytest.raises(UserError, match=rf"{files / 'd.json'}:1 \(row 1, id '1'\): cannot read image .*broken\.png"):
         ds[1]
     with pytest.raises(UserError, match=r"exceed max_length 64; image tokens are never truncated"):
         ds[2]
@@ -148,10 +149,11 @@ def test_pixmo_and_sharegpt_shaped_local_files(files):
     assert load_source("s", ds_cfg(type="llava", path=str(files / "share.json")), "raise").records[0].id == "sa_1"
 
 
-def test_mixture_weights_and_caps():
-    from vlm.data.datasets import Record, Source
-
-    src = {n: Source(n, [Record(f"{n}{i}", [], [], "") for i in range(10)]) for n in ("a", "b")}
+def test_mixture_weights_and_caps(files):
+    src = {}
+    for n in ("a", "b"):
+        (files / f"{n}.json").write_text(json.dumps([{**_rec(f"{n}{i}"), "id": f"{n}{i}"} for i in range(10)]))
+        src[n] = load_source(n, ds_cfg(type="llava", path=str(files / f"{n}.json")), "raise")
     mix = build_mixture([{"dataset": "a", "weight": 2.0, "max_samples": None},
                          {"dataset": "b", "weight": 0.5, "max_samples": 6}], src, seed=0)
     ids = [r.id for r in mix]
@@ -192,7 +194,7 @@ datasets:
   instructions: {{type: llava, path: {files / 'd.json'}, max_samples: 1}}
 stages: {{finetune: {{data: [captions], max_steps: 2, batch_size: 7, gradient_checkpointing: false}}}}
 """)
-    with pytest.raises(UserError, match="unknown recipe key datasets.instructions.max_samples"):
+    with pytest.raises(UserError, match="unknown key datasets.instructions.max_samples"):
         load_recipe(p)
     p.write_text(p.read_text().replace(", max_samples: 1", ""))
     train(load_recipe(p), tmp_path / "run")
@@ -219,10 +221,10 @@ def test_hf_image_feature_column(files):
                                   columns={"image": "picture"}), "raise")
     rec = src.records[0]
     assert rec.messages[1] == {"role": "assistant", "content": "Red."}
-    assert isinstance(rec.images[0], bytes)  # kept encoded, decoded when the sample is loaded
+    assert rec.images == ["hf:0:0"]  # a reference into the memory-mapped dataset, read when the sample is loaded
     from vlm.data.datasets import open_image
 
-    assert open_image(rec.images[0]).tobytes() == im.tobytes()
+    assert open_image(src.image_bytes(rec.images[0])).tobytes() == im.tobytes()
 
 
 def test_hf_uri_llava_files_are_fetched_from_the_dataset_repo(files, monkeypatch):

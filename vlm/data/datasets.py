@@ -1,9 +1,11 @@
 """Training data: sources (LLaVA JSON/JSONL, HF datasets, the synthetic world), mixtures, batching.
 
-A source yields `Record`s (messages + image references + where it came from). Broken samples raise a
-`UserError` naming the file and line, or with `data.on_error: skip` are dropped *and counted*.
-Structural problems (bad JSON line, missing image file, `<image>` count mismatch) are found when a
-source is read; undecodable images and over-long samples when a sample is loaded.
+A source is a memory-mapped record table (`vlm.data.records`): parsed once into Arrow, then shared by every
+rank and DataLoader worker without copies. Samples are tokenised, image-expanded and their images decoded in
+the DataLoader workers (`TrainSet.__getitem__`). Broken samples raise a `UserError` naming the row, or with
+`data.on_error: skip` are dropped *and counted*. Structural problems (bad JSON, missing image file, `<image>`
+count mismatch) are found when a source is read; undecodable images and over-long samples when a sample is
+loaded. URL images are fetched into a local cache before training; dead links are skipped and counted.
 
 Batches are planned per epoch from a seed, so every process (and a resumed run) sees the same global
 batches: a global batch = batch_size x world_size x grad_accum samples, sorted by length within
@@ -12,46 +14,82 @@ mega-batches when `group_by_length` (dynamic padding then wastes little).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
+from vlm.data.images import DeadLink, UrlCache, image_bytes, open_image
+from vlm.data.records import (IMAGE_TOKEN, INDEX_VERSION, BrokenSample, RecordTable, Row, check_images,
+                              data_cache_root, file_sha256, is_url, llava_table, place_images, resolve_image,
+                              rows_table, to_messages)
 from vlm.errors import UserError
 from vlm.model.chat import tokenize_conversation
 from vlm.model.vlm import expand_image_tokens
 from vlm.world.synth.world import synth_dir
 
-IMAGE_TOKEN = "<image>"
+__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN", "BrokenSample", "Mixture", "Record", "Source", "TrainSet", "build_mixture",
+           "collate", "default_num_workers", "epoch_batches", "image_bytes", "load_source", "micro_batch",
+           "open_image", "steps_per_epoch", "total_steps"]
+
 IGNORE_INDEX = -100
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
 class Record:
     id: str
     messages: list[dict[str, str]]
-    images: list[Any]  # absolute paths, URLs, PIL images or raw bytes
-    where: str  # "file:line" or "dataset[split] row i", for error messages
+    images: list[Any]  # absolute paths, URLs, or hf:<row>:<k> references into the source's HF dataset
+    where: str  # "file:line (row i, id x)" or "dataset[split] row i", for error messages
+    source: Any = field(default=None, repr=False, compare=False)  # the Source, for image references
 
 
 @dataclass
 class Source:
+    """One named dataset: its record table, the usable rows, and the rows it dropped (counted)."""
+
     name: str
-    records: list[Record]
-    skipped: list[str] = field(default_factory=list)  # "where: why" of samples dropped with on_error=skip
+    table: RecordTable
+    rows: np.ndarray  # usable row indices into `table`
+    skipped: list[str] = field(default_factory=list)  # "where: why" of rows dropped at load (skip / dead link)
     identity: str = ""
+    hf_images: Any = None  # the HF dataset's image column, for hf:<row>:<k> references
+    urls: UrlCache | None = None
+
+    @property
+    def records(self) -> "Records":
+        return Records(self)
+
+    def record(self, i: int) -> Record:
+        r = self.table.row(self.rows[i])
+        return Record(r.id, r.messages, r.images, r.where, self)
+
+    def image_bytes(self, ref: Any) -> bytes:
+        return image_bytes(ref, hf_images=self.hf_images, urls=self.urls)
 
 
-class BrokenSample(Exception):
-    def __init__(self, where: str, why: str) -> None:
-        super().__init__(f"{where}: {why}")
-        self.where, self.why = where, why
+class Records(Sequence):
+    """The usable records of a source, decoded on access."""
+
+    def __init__(self, src: Source) -> None:
+        self.src = src
+
+    def __len__(self) -> int:
+        return len(self.src.rows)
+
+    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.src.record(i % len(self))
+
+    def lengths(self, num_image_tokens: int) -> np.ndarray:
+        return self.src.table.length_estimate(num_image_tokens)[self.src.rows]
 
 
 def _broken_error(b: BrokenSample) -> UserError:
@@ -59,87 +97,7 @@ def _broken_error(b: BrokenSample) -> UserError:
                      "such samples (they are counted in metrics.jsonl as skipped_samples).")
 
 
-# --------------------------------------------------------------------------- records
-def _to_messages(conv: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(conv, list) or not conv:
-        raise BrokenSample(where, "`conversations` must be a non-empty list of {from, value} turns")
-    out = []
-    for t in conv:
-        if not isinstance(t, Mapping):
-            raise BrokenSample(where, f"turn {t!r} is not a mapping")
-        role = t.get("from", t.get("role"))
-        text = t.get("value", t.get("content"))
-        if role not in ROLES or not isinstance(text, str):
-            raise BrokenSample(where, f"turn needs `from` in {sorted(ROLES)} and a string `value`, got {dict(t)!r}")
-        out.append({"role": ROLES[role], "content": text})
-    if not any(m["role"] == "assistant" for m in out):
-        raise BrokenSample(where, "no assistant (gpt) turn to learn from")
-    return out
-
-
-def _check_images(messages: list[dict], images: list[Any], where: str) -> None:
-    n_tok = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if images and n_tok == 0:
-        raise BrokenSample(where, f"{len(images)} image(s) given but no {IMAGE_TOKEN} in the conversation")
-    if n_tok != len(images):
-        raise BrokenSample(where, f"{n_tok} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)")
-
-
-def _resolve_image(ref: Any, root: Path, where: str) -> Any:
-    if isinstance(ref, str) and not ref.startswith(("http://", "https://")):
-        p = Path(ref).expanduser()
-        p = p if p.is_absolute() else root / p
-        if not p.is_file():
-            raise BrokenSample(where, f"image file {p} not found")
-        return str(p)
-    return ref
-
-
-def record_from_llava(obj: Any, where: str, root: Path) -> Record:
-    if not isinstance(obj, Mapping):
-        raise BrokenSample(where, f"expected a JSON object, got {type(obj).__name__}")
-    messages = _to_messages(obj.get("conversations"), where)
-    img = obj.get("image")
-    refs = [] if img is None else list(img) if isinstance(img, list) else [img]
-    _check_images(messages, refs, where)
-    images = [_resolve_image(r, root, where) for r in refs]
-    return Record(id=str(obj.get("id", where)), messages=messages, images=images, where=where)
-
-
-def _iter_json_items(path: Path):
-    """Yield (line_no, obj | BrokenSample) for a JSON array or a JSONL file."""
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix == ".jsonl" or not stripped.startswith("["):
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, BrokenSample(f"{path}:{i}", f"invalid JSON ({e.msg} at column {e.colno})")
-        return
-    dec = json.JSONDecoder()
-    pos = len(text) - len(stripped) + 1
-    line = text.count("\n", 0, pos) + 1
-    last = pos
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text):
-            raise UserError(f"{path}: the JSON array is not closed; fix the file.")
-        if text[pos] == "]":
-            return
-        line += text.count("\n", last, pos)
-        last = pos
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); the rest of the array "
-                            "cannot be read, fix the file.") from None
-        yield line, obj
-
-
+# --------------------------------------------------------------------------- sources
 def _local_file(spec: str, where: str) -> Path:
     if spec.startswith("hf://"):
         parts = spec[len("hf://"):].split("/")
@@ -158,30 +116,65 @@ def _local_file(spec: str, where: str) -> Path:
     return p
 
 
-def _collect(name: str, items, on_error: str) -> Source:
-    src = Source(name, [])
-    for item in items:
-        if isinstance(item, BrokenSample):
-            if on_error != "skip":
-                raise _broken_error(item)
-            src.skipped.append(str(item))
+def _hf_rows(ds: Any, ds_cfg: Mapping[str, Any], cols: Mapping[str, str], image_col: str | None,
+             root: Path) -> Any:
+    """Rows of an HF dataset, image columns read as references only (never their bytes)."""
+    import pyarrow as pa
+
+    position = ds_cfg.get("image_position", "front")
+    meta_cols = [c for c in ds.column_names if c != image_col]
+    counts: np.ndarray | None = None
+    embedded = False
+    if image_col is not None:
+        col = ds.data.column(image_col)
+        typ = col.type
+        if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+            arr = col.combine_chunks()
+            counts = np.where(arr.is_null().to_numpy(zero_copy_only=False), 0,
+                              np.diff(arr.offsets.to_numpy()))
+            embedded = pa.types.is_struct(typ.value_type)
         else:
-            src.records.append(item)
-    return src
+            counts = (~col.is_null().to_numpy()).astype(np.int64) if hasattr(col, "to_numpy") else None
+            counts = np.asarray([0 if v is None else 1 for v in col.to_pylist()]) if counts is None else counts
+            embedded = pa.types.is_struct(typ)
+        if not embedded:
+            meta_cols.append(image_col)
+    i = 0
+    for batch in ds.select_columns(meta_cols).iter(batch_size=4096):
+        n = len(next(iter(batch.values()))) if batch else 0
+        for j in range(n):
+            row = {c: batch[c][j] for c in batch}
+            w = f"{ds_cfg['path']}[{ds_cfg['split']}] row {i}"
+            try:
+                if embedded:
+                    refs = [f"hf:{i}:{k}" for k in range(int(counts[i]))]
+                elif image_col is not None:
+                    img = row.get(image_col)
+                    refs = [] if img is None else list(img) if isinstance(img, list) else [img]
+                    refs = [resolve_image(r, root, w) for r in refs]
+                else:
+                    refs = []
+                if row.get(cols["conversations"]) is not None:
+                    messages = to_messages(row[cols["conversations"]], w)
+                elif row.get(cols["caption"]) is not None:
+                    messages = [{"role": "user", "content": ds_cfg["prompt"]},
+                                {"role": "assistant", "content": str(row[cols["caption"]])}]
+                elif row.get(cols["question"]) is not None and row.get(cols["answer"]) is not None:
+                    q = str(row[cols["question"]])
+                    q = q if IMAGE_TOKEN in q or not refs else IMAGE_TOKEN + "\n" + q
+                    messages = [{"role": "user", "content": q},
+                                {"role": "assistant", "content": str(row[cols["answer"]])}]
+                else:
+                    raise BrokenSample(w, "row has none of the mapped conversations / caption / question+answer columns")
+                messages = place_images(messages, position)
+                check_images(messages, len(refs), w)
+                yield Row(str(row.get(cols["id"], i) if row.get(cols["id"]) is not None else i), messages, refs, w)
+            except BrokenSample as b:
+                yield b
+            i += 1
 
 
-def _llava_records(path: Path, root: Path):
-    for line, obj in _iter_json_items(path):
-        if isinstance(obj, BrokenSample):
-            yield obj
-            continue
-        try:
-            yield record_from_llava(obj, f"{path}:{line}", root)
-        except BrokenSample as b:
-            yield b
-
-
-def _hf_records(ds_cfg: Mapping[str, Any], where: str):
+def _hf_source(name: str, ds_cfg: Mapping[str, Any], where: str, cache_root: Path) -> tuple[RecordTable, Any, str]:
     import datasets
 
     kw: dict[str, Any] = {"split": ds_cfg["split"]}
@@ -201,130 +194,200 @@ def _hf_records(ds_cfg: Mapping[str, Any], where: str):
             raise UserError(f"{where}.columns: {ours}: {col} — " + (
                 f"{ours!r} is not one of {', '.join(sorted(cols))}" if ours not in cols else
                 f"the dataset has no column {col!r}; its columns are {', '.join(ds.column_names)}") + ".")
-    if isinstance(ds.features.get(cols["image"]), datasets.Image):  # keep encoded bytes; decode when loaded
-        ds = ds.cast_column(cols["image"], datasets.Image(decode=False))
+    image_col = cols["image"] if cols["image"] in ds.column_names else None
+    hf_images = None
+    if image_col is not None:
+        feat = ds.features[image_col]
+        inner = getattr(feat, "feature", None)
+        if isinstance(feat, datasets.Image):  # encoded bytes stay in the memory-mapped dataset until loaded
+            hf_images = ds.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
+        elif isinstance(inner, datasets.Image):
+            hf_images = ds.select_columns([image_col]).cast_column(image_col, datasets.List(datasets.Image(decode=False)))
     root = Path(ds_cfg["image_root"]).expanduser() if ds_cfg["image_root"] else Path.cwd()
-    for i, row in enumerate(ds):
-        w = f"{ds_cfg['path']}[{ds_cfg['split']}] row {i}"
-        try:
-            img = row.get(cols["image"])
-            refs = [] if img is None else list(img) if isinstance(img, list) else [img]
-            refs = [r["bytes"] if isinstance(r, Mapping) and r.get("bytes") else
-                    r["path"] if isinstance(r, Mapping) else r for r in refs]
-            if row.get(cols["conversations"]) is not None:
-                messages = _to_messages(row[cols["conversations"]], w)
-            elif row.get(cols["caption"]) is not None:
-                messages = [{"role": "user", "content": ds_cfg["prompt"]},
-                            {"role": "assistant", "content": str(row[cols["caption"]])}]
-            elif row.get(cols["question"]) is not None and row.get(cols["answer"]) is not None:
-                q = str(row[cols["question"]])
-                q = q if IMAGE_TOKEN in q or not refs else IMAGE_TOKEN + "\n" + q
-                messages = [{"role": "user", "content": q}, {"role": "assistant", "content": str(row[cols["answer"]])}]
-            else:
-                raise BrokenSample(w, "row has none of the mapped conversations / caption / question+answer columns")
-            _check_images(messages, refs, w)
-            yield Record(str(row.get(cols["id"], i)), messages, [_resolve_image(r, root, w) for r in refs], w)
-        except BrokenSample as b:
-            yield b
+    identity = json.dumps({k: v for k, v in dict(ds_cfg).items()}, sort_keys=True, default=str)
+    key = hashlib.sha256(json.dumps([INDEX_VERSION, "hf", ds._fingerprint, identity, str(root.resolve())]).encode()
+                         ).hexdigest()[:32]
+    table = rows_table(lambda: _hf_rows(ds, ds_cfg, cols, image_col, root), key, cache_root,
+                       {"source": f"{ds_cfg['path']}[{ds_cfg['split']}]", "fingerprint": ds._fingerprint})
+    return table, hf_images, identity
 
 
+def _url_rows(table: RecordTable) -> tuple[np.ndarray, list[str]]:
+    """(row index, url) of every URL image reference of the table."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = table._table.column("images").combine_chunks()
+    if not len(col):
+        return np.zeros(0, np.int64), []
+    flat = col.flatten()
+    mask = pc.or_(pc.starts_with(flat, "http://"), pc.starts_with(flat, "https://"))
+    parents = pc.list_parent_indices(col).to_numpy()
+    mask_np = mask.to_numpy(zero_copy_only=False)
+    return parents[mask_np], flat.filter(pa.array(mask_np)).to_pylist()
 
 
-def load_source(name: str, ds_cfg: Mapping[str, Any], on_error: str) -> Source:
+def _prefetch(name: str, table: RecordTable, rows: np.ndarray, urls: UrlCache, skipped: list[str]) -> np.ndarray:
+    """Fetch a source's URL images into the cache (once; one rank fetches, the others wait); drop rows with
+    dead links, each counted in `skipped`."""
+    import sys
+
+    from filelock import FileLock
+
+    where, links = _url_rows(table)
+    if not links:
+        return rows
+    urls.root.mkdir(parents=True, exist_ok=True)
+    last = [0.0]
+
+    def progress(k: int, n: int) -> None:
+        import time
+
+        if time.time() - last[0] > 10 or k == n:
+            last[0] = time.time()
+            print(f"datasets.{name}: fetched {k}/{n} images", file=sys.stderr, flush=True)
+
+    with FileLock(str(urls.root / f".prefetch-{table.path.stem}.lock")):
+        dead = urls.prefetch(links, progress)
+    if not dead:
+        return rows
+    bad = {}
+    for r, u in zip(where.tolist(), links):
+        if u in dead and r not in bad:
+            bad[r] = u
+    keep = np.isin(rows, np.fromiter(bad, np.int64), invert=True)
+    for r in rows[~keep].tolist():
+        skipped.append(f"{table.row(r).where}: dead image link {bad[r]} ({dead[bad[r]]})")
+    return rows[keep]
+
+
+def load_source(name: str, ds_cfg: Mapping[str, Any], on_error: str, data_cfg: Mapping[str, Any] | None = None) -> Source:
+    """Read (or map the cached table of) one dataset. `data_cfg`: the recipe's `data` section (cache dir, URL
+    fetching); broken rows raise under `on_error: raise`, else they are listed in `Source.skipped`."""
+    data_cfg = data_cfg or {}
     where = f"datasets.{name}"
+    cache_root = data_cache_root(data_cfg.get("cache_dir"))
+    position = ds_cfg.get("image_position", "front")
+    hf_images = None
     if ds_cfg["type"] == "hf":
-        src = _collect(name, _hf_records(ds_cfg, where), on_error)
-        src.identity = json.dumps(dict(ds_cfg), sort_keys=True, default=str)
-        return src
-    if ds_cfg["type"] == "synth":
-        world = synth_dir(ds_cfg)
-        path = world / ds_cfg["file"]
-        if not path.is_file():
-            raise UserError(f"{where}.file: the synthetic world has no {ds_cfg['file']}; it has "
-                            f"{', '.join(sorted(p.name for p in world.glob('*.json')))}.")
-        root = world
+        table, hf_images, identity = _hf_source(name, ds_cfg, where, cache_root)
     else:
-        path = _local_file(ds_cfg["path"], f"{where}.path")
-        root = Path(ds_cfg["image_root"]).expanduser() if ds_cfg["image_root"] else path.parent
-    src = _collect(name, _llava_records(path, root), on_error)
-    src.identity = hashlib.sha256(path.read_bytes()).hexdigest()
-    return src
+        if ds_cfg["type"] == "synth":
+            world = synth_dir(ds_cfg)
+            path = world / ds_cfg["file"]
+            if not path.is_file():
+                raise UserError(f"{where}.file: the synthetic world has no {ds_cfg['file']}; it has "
+                                f"{', '.join(sorted(p.name for p in world.glob('*.json')))}.")
+            root = world
+        else:
+            path = _local_file(ds_cfg["path"], f"{where}.path")
+            root = Path(ds_cfg["image_root"]).expanduser() if ds_cfg["image_root"] else path.parent
+        identity = file_sha256(path)
+        table = llava_table(path, root, position, cache_root, identity)
+    if table.broken and on_error != "skip":
+        raise _broken_error(table.broken[0])
+    skipped = [str(b) for b in table.broken]
+    urls = UrlCache(cache_root, timeout=float(data_cfg.get("url_timeout", 10.0)),
+                    retries=int(data_cfg.get("url_retries", 3)), backoff=float(data_cfg.get("url_backoff", 1.0)),
+                    threads=int(data_cfg.get("url_threads", 32)))
+    rows = _prefetch(name, table, table.usable, urls, skipped)
+    return Source(name, table, rows, skipped, identity, hf_images, urls)
 
 
 # --------------------------------------------------------------------------- mixtures
+class Mixture(Sequence):
+    """The samples of a stage: (source, row) pairs as two integer arrays (no Python object per sample)."""
+
+    def __init__(self, sources: list[Source], src: np.ndarray, idx: np.ndarray) -> None:
+        self.sources, self.src, self.idx = sources, src, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+        return self.sources[int(self.src[i])].record(int(self.idx[i]))
+
+    def lengths(self, num_image_tokens: int) -> np.ndarray:
+        out = np.zeros(len(self), np.int64)
+        for k, s in enumerate(self.sources):
+            sel = self.src == k
+            out[sel] = s.table.length_estimate(num_image_tokens)[s.rows[self.idx[sel]]]
+        return out
+
+
 def _subset(n: int, k: int, rng: random.Random) -> list[int]:
     return sorted(rng.sample(range(n), k))
 
 
-def build_mixture(items: Sequence[Mapping[str, Any]], sources: Mapping[str, Source], seed: int) -> list[Record]:
+def build_mixture(items: Sequence[Mapping[str, Any]], sources: Mapping[str, Source], seed: int) -> Mixture:
     """Cap each component to `max_samples` (seeded random subset), then weight it (repeat / subsample)."""
-    out: list[Record] = []
+    used = list(dict.fromkeys(item["dataset"] for item in items))
+    srcs, idx = [], []
     for i, item in enumerate(items):
-        recs = sources[item["dataset"]].records
+        n = len(sources[item["dataset"]].rows)
+        recs = np.arange(n, dtype=np.int64)
         rng = random.Random(f"{seed}-{i}-{item['dataset']}")
-        if item["max_samples"] is not None and item["max_samples"] < len(recs):
-            recs = [recs[j] for j in _subset(len(recs), item["max_samples"], rng)]
+        if item["max_samples"] is not None and item["max_samples"] < n:
+            recs = recs[_subset(n, item["max_samples"], rng)]
         whole, frac = divmod(float(item["weight"]), 1.0)
-        picked = recs * int(whole) + [recs[j] for j in _subset(len(recs), round(frac * len(recs)), rng)]
-        out += picked
-    return out
+        picked = np.concatenate([np.tile(recs, int(whole)),
+                                 recs[np.asarray(_subset(len(recs), round(frac * len(recs)), rng), np.int64)]])
+        srcs.append(np.full(len(picked), used.index(item["dataset"]), np.int16))
+        idx.append(picked)
+    return Mixture([sources[d] for d in used], np.concatenate(srcs) if srcs else np.zeros(0, np.int16),
+                   np.concatenate(idx) if idx else np.zeros(0, np.int64))
 
 
 # --------------------------------------------------------------------------- samples
-def image_bytes(ref: Any) -> bytes:
-    if isinstance(ref, (bytes, bytearray)):
-        return bytes(ref)
-    if isinstance(ref, str) and ref.startswith(("http://", "https://")):
-        import urllib.request
-
-        with urllib.request.urlopen(ref, timeout=30) as r:  # noqa: S310 - user-given dataset URLs
-            return r.read()
-    if isinstance(ref, str):
-        return Path(ref).read_bytes()
-    buf = io.BytesIO()  # a PIL image from an HF dataset
-    ref.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def open_image(data: bytes) -> Any:
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im.convert("RGB")
-
-
-def _tokenize(tokenizer: Any, messages: list[dict], sample_id: str, chat_template: str | None) -> tuple[list[int], list[int]]:
-    return tokenize_conversation(tokenizer, messages, sample_id=sample_id, chat_template=chat_template)
+def default_num_workers(local_world_size: int = 1) -> int:
+    """DataLoader workers per process when `data.num_workers` is unset: the CPUs this process may use, shared by
+    the processes on the node, less one for the training loop itself; at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, local_world_size) - 1))
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """Records → tokenised, image-expanded samples (`None` for a skipped broken sample)."""
+    """Records → tokenised, image-expanded samples with decoded images (`{"broken": why}` for a skipped one).
 
-    def __init__(self, records: list[Record], tokenizer: Any, image_token_id: int, num_image_tokens: int,
-                 max_length: int, on_error: str, chat_template: str | None = None) -> None:
+    `records`: a `Mixture`, a source's `Records`, or any sequence of `Record`. Runs in the DataLoader workers.
+    `transform` (the encoder's PIL → tensor transform): applied here too, so samples carry pixel tensors.
+    """
+
+    def __init__(self, records: Sequence[Record], tokenizer: Any, image_token_id: int, num_image_tokens: int,
+                 max_length: int, on_error: str, chat_template: str | None = None,
+                 transform: Callable[[Any], torch.Tensor] | None = None) -> None:
         self.records, self.tokenizer = records, tokenizer
         self.image_token_id, self.num_image_tokens = image_token_id, num_image_tokens
         self.max_length, self.on_error, self.chat_template = max_length, on_error, chat_template
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def lengths(self) -> list[int]:
+        """A cheap length estimate per sample for grouping (characters / 4 + image tokens)."""
+        if hasattr(self.records, "lengths"):
+            return self.records.lengths(self.num_image_tokens).tolist()
+        return [self.length(i) for i in range(len(self))]
+
     def length(self, i: int) -> int:
-        """A cheap length estimate for grouping (characters / 4 + image tokens)."""
         r = self.records[i]
         return sum(len(m["content"]) for m in r.messages) // 4 + len(r.images) * self.num_image_tokens
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         try:
             try:
-                ids, labels = _tokenize(self.tokenizer, r.messages, f"{r.id} ({r.where})", self.chat_template)
+                ids, labels = tokenize_conversation(self.tokenizer, r.messages, sample_id=f"{r.id} ({r.where})",
+                                                    chat_template=self.chat_template)
             except UserError as e:
                 raise BrokenSample(r.where, str(e)) from None
-            if list(ids).count(self.image_token_id) != len(r.images):
-                raise BrokenSample(r.where, f"{len(r.images)} image(s) but {list(ids).count(self.image_token_id)} "
-                                   "image tokens after tokenisation")
+            n_img = sum(1 for t in ids if t == self.image_token_id)
+            if n_img != len(r.images):
+                raise BrokenSample(r.where, f"{len(r.images)} image(s) but {n_img} image tokens after tokenisation")
             ids, labels = expand_image_tokens(list(ids), list(labels), self.image_token_id, self.num_image_tokens)
             if len(ids) > self.max_length:
                 raise BrokenSample(r.where, f"{len(ids)} tokens (with {len(r.images)} x {self.num_image_tokens} image "
@@ -332,8 +395,11 @@ class TrainSet(torch.utils.data.Dataset):
             images, keys = [], []
             for ref in r.images:
                 try:
-                    data = image_bytes(ref)
-                    images.append(open_image(data))
+                    data = r.source.image_bytes(ref) if r.source is not None else image_bytes(ref)
+                    im = open_image(data)
+                    images.append(self.transform(im) if self.transform is not None else im)
+                except DeadLink as e:
+                    raise BrokenSample(r.where, f"dead image link {ref} ({e})") from None
                 except Exception as e:  # unreadable / truncated / not an image
                     raise BrokenSample(r.where, f"cannot read image {ref if isinstance(ref, str) else '<inline>'} "
                                        f"({type(e).__name__}: {e})") from None
@@ -346,7 +412,8 @@ class TrainSet(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest sample (dynamic padding); images flattened in sample order."""
+    """Right-pad to the longest sample (dynamic padding); images (PIL, or pixel tensors when the TrainSet has a
+    transform) flattened in sample order."""
     good = [x for x in items if "broken" not in x]
     broken = [x["broken"] for x in items if "broken" in x]
     width = max([len(x["input_ids"]) for x in good], default=1)

@@ -12,6 +12,7 @@ If the prefixes do not line up, or nothing is left to train on, the sample is re
 from __future__ import annotations
 
 import functools
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -78,6 +79,28 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+_TOKEN_INFO: "weakref.WeakKeyDictionary[Any, tuple[int, frozenset[int], int | None]]" = weakref.WeakKeyDictionary()
+
+
+def _token_info(tokenizer: Any) -> tuple[frozenset[int], int | None]:
+    """(special token ids, the `<image>` id or None) of a tokenizer, computed once per tokenizer and vocabulary
+    size (added tokens recompute it): `get_vocab()` builds a dict of the whole vocabulary, far too slow per sample."""
+    size = len(tokenizer)
+    try:
+        cached = _TOKEN_INFO.get(tokenizer)
+    except TypeError:  # an unhashable tokenizer: no cache
+        cached = None
+    if cached is not None and cached[0] == size:
+        return cached[1], cached[2]
+    specials = frozenset(_special_ids(tokenizer))
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if IMAGE_TOKEN in tokenizer.get_vocab() else None
+    try:
+        _TOKEN_INFO[tokenizer] = (size, specials, image_id)
+    except TypeError:
+        pass
+    return specials, image_id
+
+
 def _mismatch(sample_id: Any, turn: int, what: str, part: list[int], full: list[int], tokenizer: Any) -> UserError:
     at = next((i for i, (a, b) in enumerate(zip(part, full)) if a != b), min(len(part), len(full)))
     near = tokenizer.decode(full[max(0, at - 3):at + 3])
@@ -103,8 +126,8 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
         raise UserError(f"sample {sample_id!r} starts with an assistant turn; it needs a user (or system) message "
                         f"first. Drop the leading assistant message.")
     full = _encode(tokenizer, render(tokenizer, msgs, chat_template=chat_template, sample_id=sample_id))
-    specials = _special_ids(tokenizer)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if IMAGE_TOKEN in tokenizer.get_vocab() else None
+    specials, image_id = _token_info(tokenizer)
+    specials = set(specials)
     if image_id is None and any(IMAGE_TOKEN in m["content"] for m in msgs):
         raise UserError(f"sample {sample_id!r} holds {IMAGE_TOKEN!r} but the tokenizer has no such token; "
                         f"build the tokenizer through vlm.model.llm.build_llm (it adds it).")
@@ -116,7 +139,8 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
             continue
         prompt = _encode(tokenizer, render(tokenizer, msgs[:k], add_generation_prompt=True,
                                            chat_template=chat_template, sample_id=sample_id))
-        done = _encode(tokenizer, render(tokenizer, msgs[:k + 1], chat_template=chat_template, sample_id=sample_id))
+        done = full if k == len(msgs) - 1 else _encode(tokenizer, render(tokenizer, msgs[:k + 1],
+                                                                         chat_template=chat_template, sample_id=sample_id))
         if full[:len(prompt)] != prompt:
             raise _mismatch(sample_id, k, "the conversation before this assistant turn plus the generation prompt",
                             prompt, full, tokenizer)

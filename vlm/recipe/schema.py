@@ -113,6 +113,8 @@ class Dataset:
     data_files: Optional[list[str]] = None  # hf: local files
     columns: dict[str, str] = field(default_factory=dict)  # hf: our field -> dataset column
     prompt: str = "<image>\nDescribe the image."  # hf caption datasets: the user turn
+    # front: a turn holding <image> is trained as "<image>\n" + its text (LLaVA's preprocess_multimodal); keep: as written
+    image_position: Literal["front", "keep"] = "front"
     seed: int = 0  # synth
     preset: str = "tiny"  # synth
     file: str = "captions_dense.json"  # synth: which file of the world
@@ -123,7 +125,12 @@ class Dataset:
 class Data:
     on_error: Literal["raise", "skip"] = "raise"
     group_by_length: bool = True
-    num_workers: int = 0  # DataLoader worker processes decoding images and tokenising
+    num_workers: Optional[int] = None  # DataLoader workers per process (tokenise, decode, transform); null = auto
+    cache_dir: Optional[str] = None  # parsed record tables + URL images (default $VLM_DATA_CACHE, ~/.cache/vlm-ablate/data)
+    url_timeout: float = 10.0  # URL images: seconds per request
+    url_retries: int = 3  # URL images: retries after a timeout, connection error, 5xx or 429
+    url_backoff: float = 1.0  # URL images: first retry delay (s), doubled per retry
+    url_threads: int = 32  # URL images: parallel downloads
 
 
 @dataclass

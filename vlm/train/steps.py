@@ -28,9 +28,11 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from encoders.base import VisionEncoder
 from eval.runner import evaluate
 from vlm.data.datasets import (
-    TrainSet, build_mixture, collate, epoch_batches, load_source, micro_batch, steps_per_epoch, total_steps,
+    TrainSet, build_mixture, collate, default_num_workers, epoch_batches, load_source, micro_batch, steps_per_epoch,
+    total_steps,
 )
 from vlm.errors import UserError
 from vlm.io import append_jsonl, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
@@ -113,7 +115,7 @@ def prepare(cfg: dict) -> tuple[Any, dict]:
     for name in enabled_stages(cfg):
         check_policy_model(vlm, cfg["stages"][name]["freeze"], f"stages.{name}.freeze")
     used = {item["dataset"] for n in enabled_stages(cfg) for item in cfg["stages"][n]["data"]}
-    sources = {d: load_source(d, cfg["datasets"][d], cfg["data"]["on_error"]) for d in sorted(used)}
+    sources = {d: load_source(d, cfg["datasets"][d], cfg["data"]["on_error"], cfg["data"]) for d in sorted(used)}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for name in enabled_stages(cfg):
         st = cfg["stages"][name]
@@ -300,7 +302,7 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
 
     records = build_mixture(st["data"], sources, seed)
     ds = TrainSet(records, vlm.tokenizer, vlm.image_token_id, vlm.num_image_tokens, st["max_length"],
-                  cfg["data"]["on_error"], st["chat_template"])
+                  cfg["data"]["on_error"], st["chat_template"], transform=_worker_transform(vlm))
     world, rank = acc.num_processes, acc.process_index
     per_dev, accum = st["batch_size"], st["grad_accum"]
     gbs = per_dev * world * accum
@@ -319,7 +321,9 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
     cache = None
     if vision_frozen and st["feature_cache"]:
         cache = FeatureCache(cfg["run"]["feature_cache_dir"] or default_root(), vlm.encoder.fingerprint())
-    lengths = [ds.length(i) for i in range(len(ds))]
+    lengths = ds.lengths()
+    workers = cfg["data"]["num_workers"]
+    workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if workers is None else workers
     pad_id = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else 0
     stage_dir = run.run_dir / "stages" / name
     ckpt_root = stage_dir / "checkpoints"
@@ -346,10 +350,10 @@ def train_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict, art: Pat
             mine = [micro_batch(plan[p], a, rank, world, per_dev) for p in range(pos, spe) for a in range(accum)]
             # a private generator: starting an iterator must not draw from the global RNG (dropout), or a
             # run resumed mid-epoch would see different random numbers than an uninterrupted one
-            batches = iter(torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=cfg["data"]["num_workers"],
+            batches = iter(torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=workers,
                                                        collate_fn=functools.partial(collate, pad_id=pad_id),
                                                        generator=torch.Generator().manual_seed(seed + epoch)))
-        micro = [next(batches) for _ in range(accum)]
+        micro = [_next_batch(batches) for _ in range(accum)]
         for b in micro:
             for why in b["broken"]:
                 skipped += 1
@@ -433,11 +437,36 @@ def _trainable_weights(acc: Any, model: Any, vlm: Any) -> dict[str, torch.Tensor
     return {n: full[n].detach().cpu().clone() for n in names} if acc.is_main_process else {}
 
 
+def _worker_transform(vlm: Any) -> Any:
+    """The encoder's PIL → tensor transform when its `preprocess` is just that transform stacked (then it runs in
+    the DataLoader workers); None for encoders with their own `preprocess` (fused), which run it here."""
+    enc = vlm.encoder
+    plain_preprocess = getattr(type(enc), "preprocess", None) is VisionEncoder.preprocess
+    return getattr(enc, "transform", None) if plain_preprocess else None
+
+
+def _next_batch(batches: Any) -> dict:
+    """The next micro-batch; a UserError raised in a DataLoader worker keeps its own message (not the worker's
+    traceback that torch wraps around it)."""
+    try:
+        return next(batches)
+    except UserError as e:
+        msg = str(e)
+        if "Original Traceback" in msg:
+            msg = msg.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        raise UserError(msg) from None
+
+
 def _image_inputs(vlm: Any, batch: dict, cache: Any, device: torch.device) -> dict:
     if not batch["images"]:
         return {}
+    if isinstance(batch["images"][0], torch.Tensor):  # transformed in the DataLoader workers
+        def prep(ims: Any) -> Any:
+            return torch.stack(list(ims)).to(vlm.device)
+    else:
+        prep = vlm.preprocess
     if cache is None:
-        return {"pixels": vlm.preprocess(batch["images"])}
+        return {"pixels": prep(batch["images"])}
     feats = cache.get_or_compute(batch["image_keys"], batch["images"],
-                                 lambda ims: vlm.encoder_features(vlm.preprocess(ims)))
+                                 lambda ims: vlm.encoder_features(prep(ims)))
     return {"image_features": feats.to(device)}
