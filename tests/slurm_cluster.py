@@ -113,7 +113,16 @@ class Cluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Stop slurmd, slurmctld and munged (in that order) and wait until each has exited."""
+        """Cancel every job, stop slurmd, slurmctld and munged (in that order, waiting until each has exited), then
+        end what is left of the jobs (slurmstepd outlives slurmd by design): every process whose environment
+        names this cluster's SLURM_CONF."""
+        if self.pids.get("slurmctld"):
+            jobs = self.run("squeue", "-h", "-o", "%i", check=False).split()
+            if jobs:
+                self.run("scancel", *jobs, check=False)
+                deadline = time.time() + 20
+                while time.time() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).split():
+                    time.sleep(0.5)
         for name in reversed(DAEMONS):
             pid = self.pids.pop(name, None)
             if pid is None:
@@ -127,6 +136,26 @@ class Cluster:
                 time.sleep(0.1)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        for pid in _processes_with_env("SLURM_CONF", str(self.conf)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _processes_with_env(name: str, value: str) -> list[int]:
+    """Processes (other than this one) whose environment has name=value."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,309 @@
+"""Cluster-grade grids: stop-with-checkpoint and exact resume, multi-node launch, eval jobs, and the smoke grid on a
+real one-node SLURM cluster (tests/slurm_cluster.py; skipped without root + slurm-wlm, `python3 dev.py test`
+installs them in CI). The submitit debug-executor tests run everywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import slurm_cluster
+from vlm.errors import UserError
+from vlm.grid.executors import read_record
+from vlm.grid.points import launch, load_plan, plan_grid, point_state
+from vlm.grid.slurm import node_launcher, rendezvous_port
+from vlm.grid.spec import load_grid
+from vlm.io import read_json, read_jsonl
+from vlm.train import stop
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _artifacts(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for stage in ("align", "finetune"):
+        out[stage] = load_file(str(Path(read_json(run / "stages" / stage / "artifact.json")["path"]) / "weights.safetensors"))
+    return out
+
+
+# ---------------------------------------------------------------- stop with a checkpoint, resume exactly
+
+
+def test_stop_request_saves_a_checkpoint_and_resume_is_bitwise(tmp_path, monkeypatch):
+    """A stop file present from the start stops training after its first step (exit code 75 from the CLI); the
+    next run resumes from that checkpoint and ends with the weights of an uninterrupted run."""
+    from vlm.recipe.schema import load_recipe
+    from vlm.train.steps import train
+
+    over = ["stages.align.max_steps=3", "stages.finetune.max_steps=3", f"run.feature_cache_dir={tmp_path / 'fc'}"]
+    ref = tmp_path / "ref"
+    train(load_recipe(ROOT / "recipes/smoke.yaml", over + ["eval.tasks=[]"]), ref)
+
+    flag = tmp_path / "stop-now"
+    flag.touch()
+    cut = tmp_path / "cut"
+    proc = subprocess.run([sys.executable, "-m", "vlm", "train", str(ROOT / "recipes/smoke.yaml"), *over, "eval.tasks=[]",
+                           "--out", str(cut)], cwd=ROOT, env={**ENV, stop.STOP_FILE_ENV: str(flag)},
+                          capture_output=True, text=True)
+    assert proc.returncode == stop.STOPPED_EXIT_CODE, proc.stdout + proc.stderr
+    status = read_json(cut / "status.json")
+    assert status["state"] == "stopped" and status["stage"] == "align" and status["step"] == 1
+    assert (cut / "stages" / "align" / "checkpoints" / "step_00000001").is_dir()
+    assert [m["step"] for m in read_jsonl(cut / "metrics.jsonl")] == [1]
+
+    monkeypatch.setenv(stop.STOP_FILE_ENV, str(flag))  # in-process: stops again after one more step
+    with pytest.raises(stop.Stopped):
+        train(load_recipe(ROOT / "recipes/smoke.yaml", over + ["eval.tasks=[]"]), cut)
+    assert read_json(cut / "status.json")["step"] == 2
+    flag.unlink()
+    train(load_recipe(ROOT / "recipes/smoke.yaml", over + ["eval.tasks=[]"]), cut)
+    assert [m["step"] for m in read_jsonl(cut / "metrics.jsonl") if m["stage"] == "align"] == [1, 2, 3]
+    a, b = _artifacts(ref), _artifacts(cut)
+    for stage in a:
+        assert a[stage].keys() == b[stage].keys()
+        for k in a[stage]:
+            assert torch.equal(a[stage][k], b[stage][k]), (stage, k)
+
+
+def test_sigusr2_requests_a_stop():
+    stop.clear()
+    old = signal.getsignal(stop.STOP_SIGNAL)
+    try:
+        stop.install_handler()
+        assert not stop.requested()
+        os.kill(os.getpid(), stop.STOP_SIGNAL)
+        time.sleep(0.05)
+        assert stop.requested()
+    finally:
+        stop.clear()
+        signal.signal(stop.STOP_SIGNAL, old)
+
+
+# ---------------------------------------------------------------- multi-node
+
+
+def test_two_node_launch_command_from_the_allocation():
+    env = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NODEID": "1", "SLURM_JOB_ID": "4242"}
+    seen = []
+    cmd = node_launcher(8, 2, env, resolve=lambda nl: seen.append(nl) or ["gpu07", "gpu08"])
+    assert seen == ["gpu[07-08]"]
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", "1",
+                   "--nproc_per_node", "8", "--master_addr", "gpu07", "--master_port", str(rendezvous_port("4242"))]
+    node0 = node_launcher(8, 2, {**env, "SLURM_NODEID": "0"}, resolve=lambda _: ["gpu07", "gpu08"])
+    assert node0 == [*cmd[:6], "0", *cmd[7:]]  # the same rendezvous, node rank 0
+    assert node_launcher(1, 1, env) == []
+    assert node_launcher(4, 1, env)[3:] == ["--standalone", "--nproc_per_node", "4"]
+    with pytest.raises(UserError, match="inside a SLURM allocation"):
+        node_launcher(8, 2, {})
+    with pytest.raises(UserError, match="allocation has 1 hosts"):
+        node_launcher(8, 2, env, resolve=lambda _: ["gpu07"])
+
+
+def _grid(tmp_path: Path, extra: dict, points: list | None = None) -> Path:
+    """The smoke grid with more settings (absolute base, so it can live in tmp_path)."""
+    raw = yaml.safe_load((ROOT / "recipes/grids/smoke.yaml").read_text())
+    raw["base"] = str(ROOT / "recipes/smoke.yaml")
+    raw.update(extra)
+    if points:
+        raw["points"] = points
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_plan_counts_processes_across_nodes_and_keys_follow_them(tmp_path):
+    multi = plan_grid(load_grid(_grid(tmp_path, {"slurm": {"nodes": 2, "gpus_per_node": 4}})), tmp_path / "a")
+    single = plan_grid(load_grid(_grid(tmp_path, {})), tmp_path / "a")
+    assert {(p["nodes"], p["procs_per_node"]) for p in multi} == {(2, 4)}
+    assert {p["overrides"]["distributed.num_processes"] for p in multi} == {8}
+    assert {(p["nodes"], p["procs_per_node"]) for p in single} == {(1, 1)}
+    assert "distributed.num_processes" not in single[0]["overrides"]
+    # 8 processes make a global batch 8 times larger: no stage artifact is shared with the 1-process points
+    assert not {k for p in multi for k in p["stage_keys"]} & {k for p in single for k in p["stage_keys"]}
+    with pytest.raises(UserError, match="not divisible"):
+        plan_grid(load_grid(_grid(tmp_path, {"slurm": {"nodes": 2}, "set": {"distributed.num_processes": 3}})), None)
+
+
+def test_two_nodes_run_one_training(tmp_path):
+    """Two 'nodes' on this machine (node ranks 0 and 1 of a fake 2-node allocation, one CPU process each) started
+    with the commands node_launcher gives them form one training of 2 processes, not two copies."""
+    out = tmp_path / "run"
+    env = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": str(os.getpid())}
+    over = ["stages.align.max_steps=2", "stages.finetune.max_steps=2", "stages.align.batch_size=2",
+            "stages.finetune.batch_size=1", "eval.tasks=[]", f"run.feature_cache_dir={tmp_path / 'fc'}"]
+    procs = []
+    for rank in ("0", "1"):
+        cmd = node_launcher(1, 2, {**env, "SLURM_NODEID": rank}, resolve=lambda _: ["127.0.0.1", "127.0.0.1"])
+        procs.append(subprocess.Popen([*cmd, "-m", "vlm", "train", str(ROOT / "recipes/smoke.yaml"), *over, "--out", str(out)],
+                                      cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert read_json(out / "manifest.json")["hardware"]["world_size"] == 2
+    steps = [(m["stage"], m["step"]) for m in read_jsonl(out / "metrics.jsonl")]
+    assert steps == [("align", 1), ("align", 2), ("finetune", 1), ("finetune", 2)]  # one run logs each step once
+    # the run records its real process count, and its artifacts are keyed by it (global batch 2 x 2, not 2)
+    from vlm.recipe.keys import stage_keys
+    from vlm.recipe.schema import load_recipe
+
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["distributed"]["num_processes"] == 2
+    key = read_json(out / "stages" / "align" / "artifact.json")["key"]
+    assert key == stage_keys(load_recipe(ROOT / "recipes/smoke.yaml", [*over, "distributed.num_processes=2"]))[0]
+    assert key != stage_keys(load_recipe(ROOT / "recipes/smoke.yaml", over))[0]
+
+
+# ---------------------------------------------------------------- eval jobs, submitit debug executor (no SLURM needed)
+
+FAKE = r'''
+import json, os, sys
+from pathlib import Path
+cmd, args = sys.argv[1], sys.argv[2:]
+if cmd == "train":
+    run = Path(args[args.index("--out") + 1]); run.mkdir(parents=True, exist_ok=True)
+    with open(run / "calls.jsonl", "a") as f: f.write(json.dumps({"event": "train", "args": args}) + "\n")
+    (run / "recipe.yaml").write_text(json.dumps({"eval": {"tasks": TASKS}}))
+elif cmd == "eval":
+    run, spec = Path(args[0]), json.loads(Path(args[args.index("--tasks") + 1]).read_text())
+    with open(run / "calls.jsonl", "a") as f: f.write(json.dumps({"event": "eval", "task": spec["name"]}) + "\n")
+    flaky = Path(os.environ["FAKE_FLAKY"])
+    if spec["name"] == "synth_vqa" and "s1llm=frozen,s2lr=1e-4" in str(run) and not flaky.exists():
+        flaky.touch(); print("eval crashed on purpose"); sys.exit(4)
+    fam = "fine_grained" if spec["type"] == "classification" else "general"
+    res = {"task": spec["name"], "type": spec["type"], "family": fam, "headline": "acc",
+           "score": 0.25 if fam == "fine_grained" else 0.5, "num_items": 4, "metrics": {"acc": 0.5}}
+    (run / "eval" / spec["name"]).mkdir(parents=True, exist_ok=True)
+    (run / "eval" / spec["name"] / "results.json").write_text(json.dumps(res))
+'''
+
+
+def test_eval_jobs_per_task_and_a_failed_task_is_retried_alone(tmp_path, monkeypatch):
+    path = _grid(tmp_path, {"slurm": {"timeout_min": 60}, "slurm_eval": {"timeout_min": 30, "cpus_per_task": 1}})
+    tasks = [{"type": "classification", "name": "synth_cls"}, {"type": "vqav2", "name": "synth_vqa"}]
+    fake = tmp_path / "fake_vlm.py"
+    fake.write_text(FAKE.replace("TASKS", json.dumps(tasks)))
+    monkeypatch.setenv("FAKE_FLAKY", str(tmp_path / "flaky-done"))
+    out, cli = tmp_path / "gd", [sys.executable, str(fake)]
+    jobs = launch(path, out, executor="slurm", cli=cli, slurm_cluster="debug", echo=lambda *_: None)
+    assert len(jobs) == 4 * 3  # per point: the training job and one job per eval task
+    assert [j.result() for j in jobs].count("failed") == 1
+    ids = [p["id"] for p in load_plan(out)["points"]]
+    bad = "s1llm=frozen,s2lr=1e-4"
+    assert {pid: point_state(out, pid) for pid in ids} == {pid: "failed" if pid == bad else "done" for pid in ids}
+    for pid in ids:
+        train_call = [c for c in read_jsonl(out / pid / "calls.jsonl") if c["event"] == "train"][0]
+        assert "--no-eval" in train_call["args"]
+    assert read_record(out, bad)["eval"]["synth_vqa"]["state"] == "failed"
+    assert "eval crashed on purpose" in read_record(out, bad)["log_tail"]
+
+    again = launch(path, out, executor="slurm", cli=cli, slurm_cluster="debug", echo=lambda *_: None)
+    assert len(again) == 1 and again[0].result() == "done"  # only the failed task, not training, not the other task
+    assert [c["event"] + c.get("task", "") for c in read_jsonl(out / bad / "calls.jsonl")] == \
+        ["train", "evalsynth_cls", "evalsynth_vqa", "evalsynth_vqa"]
+    assert all(point_state(out, pid) == "done" for pid in ids)
+    events = list(read_jsonl(out / "_grid" / "events.jsonl"))
+    for pid in ids:
+        assert sum(e["point"] == pid and e["event"] == "done" for e in events) == 1
+        res = read_json(out / pid / "results.json")
+        assert set(res["tasks"]) == {"synth_cls", "synth_vqa"} and res["gap"] == pytest.approx(-0.25)
+    assert launch(path, out, executor="slurm", cli=cli, slurm_cluster="debug", echo=lambda *_: None) == []
+
+
+# ---------------------------------------------------------------- a real SLURM cluster
+
+REASON = slurm_cluster.available()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if REASON and os.geteuid() == 0 and slurm_cluster.ensure_installed():
+        pass
+    elif REASON:
+        pytest.skip(REASON)
+    c = slurm_cluster.start_cluster(tmp_path_factory.mktemp("slurm"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SLURM_CONF", str(c.conf))
+    try:
+        yield c
+    finally:
+        mp.undo()
+        c.stop()
+
+
+def _wait_idle(cluster, timeout: float, poll=None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if poll:
+            poll()
+        if not cluster.run("squeue", "-h", "-o", "%i").strip():
+            return
+        time.sleep(1)
+    raise AssertionError(f"jobs still queued after {timeout:.0f} s:\n{cluster.run('squeue')}\n{cluster.logs()}")
+
+
+def test_scontrol_expands_node_lists(cluster):
+    from vlm.grid.slurm import hostnames
+
+    assert hostnames("gpu[07-08],cpu1") == ["gpu07", "gpu08", "cpu1"]
+
+
+def test_smoke_grid_on_slurm_time_limit_requeue_cancel_and_eval_jobs(cluster, tmp_path):
+    """The smoke grid on a real SLURM: training jobs in a 1-minute partition (SLURM's warning signal arrives while
+    the long point trains: it saves a checkpoint and requeues itself, and resumes), eval tasks as jobs of their own,
+    one training job cancelled while running; the grid run again resubmits it; every point ends done exactly once
+    with its report row."""
+    long_point = "s1llm=unfrozen,s2lr=3e-4"
+    path = _grid(tmp_path, {"slurm": {"partition": "short", "timeout_min": 1, "signal_delay_s": 50, "cpus_per_task": 1},
+                            "slurm_eval": {"partition": "debug", "timeout_min": 10, "cpus_per_task": 1}},
+                 points=[{"match": {"s1llm": "unfrozen", "s2lr": "3e-4"}, "set": {"stages.finetune.max_steps": 50}}])
+    out = tmp_path / "gd"
+    t0 = time.time()
+    jobs = launch(path, out, executor="slurm", echo=lambda *_: None)
+    ids = [p["id"] for p in load_plan(out)["points"]]
+    assert len(jobs) == 4 * 3
+    victim = "s1llm=frozen,s2lr=3e-4"
+    cancelled = []
+
+    def cancel_when_training() -> None:
+        st = out / victim / "status.json"
+        if not cancelled and st.exists() and read_json(st).get("state") == "running":
+            cluster.run("scancel", read_record(out, victim)["job_id"])
+            cancelled.append(time.time() - t0)
+
+    _wait_idle(cluster, 400, cancel_when_training)
+    assert cancelled, "the victim never started training"
+    assert point_state(out, victim) != "done"
+    events = list(read_jsonl(out / "_grid" / "events.jsonl"))
+    assert any(e["event"] == "requeued" and e["point"] == long_point for e in events), events
+
+    again = launch(path, out, executor="slurm", echo=lambda *_: None)
+    assert again and all(read_record(out, pid)["state"] == "done" or pid == victim for pid in ids)
+    _wait_idle(cluster, 300)
+    states = {pid: point_state(out, pid) for pid in ids}
+    assert set(states.values()) == {"done"}, (states, {pid: read_record(out, pid) for pid in ids})
+    events = list(read_jsonl(out / "_grid" / "events.jsonl"))
+    for pid in ids:
+        assert sum(e["point"] == pid and e["event"] == "done" for e in events) == 1
+    # the requeued point resumed: its stage-2 steps ran once each, in order, across the requeues
+    steps = [m["step"] for m in read_jsonl(out / long_point / "metrics.jsonl") if m.get("stage") == "finetune"]
+    assert steps == list(range(1, 51))
+    assert read_json(out / long_point / "status.json")["state"] == "done"
+
+    from vlm.report.render import build_report
+
+    build_report(out)
+    import csv
+
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["run_id"] for r in rows) == sorted(ids)
+    assert all(r["state"] == "done" and r["fine_grained"] != "" and r["general"] != "" for r in rows)
