@@ -2,6 +2,7 @@
 dynamic padding, length grouping, batch plans."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,14 +11,13 @@ import torch
 
 from vlm.data.datasets import IGNORE_INDEX, TrainSet, build_mixture, collate, epoch_batches, load_source, micro_batch
 from vlm.errors import UserError
-from vlm.config import check
 from vlm.recipe.schema import Dataset
 
 CONV = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
 
 
 def ds_cfg(**kw) -> dict:
-    return check(kw, Dataset, "datasets.x")
+    return dataclasses.asdict(Dataset(**kw))
 
 
 @pytest.fixture()

@@ -3,6 +3,7 @@ index and id in one-line JSON arrays, `<image>` placement, LLaVA-1.5's `plain` s
 images through a cache with retries and dead links counted, the tokenizer's vocabulary read once."""
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import io
 import json
@@ -14,18 +15,17 @@ import pytest
 from vlm.data.datasets import TrainSet, build_mixture, default_num_workers, load_source
 from vlm.data.records import iter_json_rows, place_images
 from vlm.errors import UserError
-from vlm.config import check
 from vlm.recipe.schema import Data, Dataset
 
 CONV = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
 
 
 def ds_cfg(**kw) -> dict:
-    return check(kw, Dataset, "datasets.x")
+    return dataclasses.asdict(Dataset(**kw))
 
 
 def data_cfg(tmp_path: Path, **kw) -> dict:
-    return check({"cache_dir": str(tmp_path / "cache"), **kw}, Data, "data")
+    return dataclasses.asdict(Data(**{"cache_dir": str(tmp_path / "cache"), **kw}))
 
 
 @pytest.fixture()
