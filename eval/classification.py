@@ -24,13 +24,15 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from eval.base import TASKS, Task
 from eval.data import hf_rows, load_hf, open_image, read_records
-from eval.metrics import ANSWER_PARSERS, LETTERS, extract_choice, letter_probabilities, name_in_answer, topk_correct
+from eval.metrics import (ANSWER_PARSERS, LETTERS, ItemScore, by_metric, extract_choice, letter_probabilities,
+                          name_in_answer, ratio_of_sums, topk_correct)
+from vlm.config import Positive
 from vlm.errors import UserError
 from vlm.io import atomic_write_json, read_json
 
@@ -45,6 +47,9 @@ CLASSNAMES_DIR = Path(__file__).parent / "classnames"
 def _clean(name: str) -> str:
     return re.sub(r"^\d+\.", "", name).replace("_", " ").strip()
 
+
+# the keys `ClassificationData` reads (tasks that classify a labelled image set share them)
+DATA_OPTIONS: dict[str, Any] = {"hf": Optional[str], "config": Optional[str], "split": str, "path": Optional[str], "classnames": Optional[str], "classes_file": Optional[str], "name_separator": Optional[str], "clean_names": bool, "image_column": str, "label_column": str}
 
 class ClassificationData:
     """Rows `{id, image, label}` (image a lazy reference, label an int) plus class names and synonyms."""
@@ -224,6 +229,9 @@ def _options_path(cfg: dict[str, Any], k: int, seed: int) -> Path:
 
 @TASKS.register("classification")
 class ClassificationTask(Task):
+    options = {**DATA_OPTIONS, "question": str, "answer_prefix": str, "answer_parser": str, "headline": str,
+               "protocols": list[str], "k": Positive, "seed": int, "mc_generate": bool, "max_new_tokens": Positive,
+               "mining": Optional[str], "mining_model": Optional[str], "options_file": Optional[str]}
     family = "fine_grained"
 
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -322,21 +330,27 @@ class ClassificationTask(Task):
                     rec[f"likelihood_{tag}_top5_correct"] = topk_correct(vals, rec["label"], 5)
         return recs
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        per: dict[str, dict[str, ItemScore]] = {}
+        for r in records:
+            s: dict[str, ItemScore] = {}
+            if "mc" in self.protocols:
+                s["mc_acc"] = float(r["mc_pred"] == r["mc_answer"])
+                s["mc_gold_prob"] = float(r["mc_probs"][LETTERS.index(r["mc_answer"])])
+                if self.mc_generate:
+                    s["mc_gen_acc"] = float(r["mc_gen_pred"] == r["mc_answer"])
+                    s["mc_gen_parse_failure"] = float(r["mc_gen_pred"] is None)
+            if "open" in self.protocols:
+                s["open_acc"] = float(bool(r["open_correct"]))
+            if "likelihood" in self.protocols:
+                for tag in ("sum", "mean"):
+                    for k in ("top1", "top5"):
+                        s[f"likelihood_{tag}_{k}"] = float(bool(r[f"likelihood_{tag}_{k}_correct"]))
+            per[str(r["id"])] = s
+        return by_metric(per)
+
     def metrics(self, records: list[dict]) -> dict[str, float]:
-        n = len(records)
-        out: dict[str, float] = {}
-        if "mc" in self.protocols:
-            out["mc_acc"] = sum(r["mc_pred"] == r["mc_answer"] for r in records) / n
-            out["mc_gold_prob"] = sum(r["mc_probs"][LETTERS.index(r["mc_answer"])] for r in records) / n
-            if self.mc_generate:
-                out["mc_gen_acc"] = sum(r["mc_gen_pred"] == r["mc_answer"] for r in records) / n
-                out["mc_gen_parse_failure"] = sum(r["mc_gen_pred"] is None for r in records) / n
-        if "open" in self.protocols:
-            out["open_acc"] = sum(bool(r["open_correct"]) for r in records) / n
-        if "likelihood" in self.protocols:
-            for tag in ("sum", "mean"):
-                for k in ("top1", "top5"):
-                    out[f"likelihood_{tag}_{k}"] = sum(bool(r[f"likelihood_{tag}_{k}_correct"]) for r in records) / n
+        out = {m: ratio_of_sums(v) for m, v in self.item_scores(records).items()}
         if self.headline not in out:
             raise UserError(f"task {self.name!r}: headline {self.headline!r} is not among its metrics {sorted(out)}.")
         return out

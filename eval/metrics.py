@@ -369,3 +369,43 @@ def topk_correct(scores: Sequence[float], label: int, k: int) -> bool:
     """The label is among the k highest scores (ties broken by index, lower first)."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     return label in order[:k]
+
+
+# --- per-item contributions (what `Task.item_scores` returns; the report's statistics use the same) -------
+
+ItemScore = float | Sequence[float]
+
+
+def as_num_den(score: ItemScore) -> tuple[float, float]:
+    """An item's contribution to a metric `Σ num / Σ den`: a number is `(score, 1)` (a plain mean); a pair is
+    `(numerator, denominator)` (a weighted mean such as a mean over subsets, or a ratio such as F1)."""
+    if isinstance(score, (int, float)) and not isinstance(score, bool):
+        return float(score), 1.0
+    if isinstance(score, Sequence) and not isinstance(score, str) and len(score) == 2:
+        return float(score[0]), float(score[1])
+    raise ValueError(f"an item score must be a number or [numerator, denominator], got {score!r}")
+
+
+def ratio_of_sums(scores: Mapping[str, ItemScore]) -> float:
+    """The metric the item contributions add up to; 0 when every denominator is 0 (as the scorers define
+    precision, recall and F1 with nothing to count)."""
+    pairs = [as_num_den(s) for s in scores.values()]
+    den = sum(d for _, d in pairs)
+    return sum(n for n, _ in pairs) / den if den else 0.0
+
+
+def pope_item_scores(record: Mapping) -> dict[str, ItemScore]:
+    """One POPE answer's share of acc, precision, recall and F1 (`2tp / (2tp + fp + fn)` = pope_metrics' F1)."""
+    yes_pred, yes_gold = record["pred"] == "yes", record["label"] == "yes"
+    tp, fp, fn = yes_pred and yes_gold, yes_pred and not yes_gold, yes_gold and not yes_pred
+    return {"acc": float(record["pred"] == record["label"]), "precision": [float(tp), float(tp or fp)],
+            "recall": [float(tp), float(tp or fn)], "f1": [2.0 * tp, 2.0 * tp + fp + fn]}
+
+
+def by_metric(per_item: Mapping[str, Mapping[str, ItemScore]]) -> dict[str, dict[str, ItemScore]]:
+    """{item id: {metric: score}} -> {metric: {item id: score}}."""
+    out: dict[str, dict[str, ItemScore]] = defaultdict(dict)
+    for item, scores in per_item.items():
+        for metric, s in scores.items():
+            out[metric][item] = s
+    return dict(out)

@@ -5,16 +5,18 @@ probability of the first answer token. A caption's score is its log-prob after a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from eval.base import TASKS, Task, score_field
+from eval.base import SCORE_OPTION, TASKS, Task, score_field
 from eval.data import find_image, hf_rows, load_hf, open_image, read_records
-from eval.metrics import grouped_accuracy, winoground_scores
+from eval.metrics import ItemScore, grouped_accuracy, ratio_of_sums, winoground_scores
 from eval.spec import CAPTION_PROMPT
 from vlm.errors import UserError
 
 
 class PairwiseTask(Task):
+    options = {**SCORE_OPTION, "prompt": str, "hf": Optional[str], "data_file": Optional[str], "image_root": Optional[str],
+               "split": str, "config": Optional[str]}
     family = "diagnostic"
     default_split = "test"
     image_columns: tuple[str, ...] = ()
@@ -46,6 +48,7 @@ class PairwiseTask(Task):
 class WinogroundTask(PairwiseTask):
     """Text, image and group scores (Thrush et al. 2022). Local: JSONL lines {id, caption_0,
     caption_1, image_0, image_1} with images at `image_root/<image_i>.png`."""
+    options = {"image_ext": str}
 
     headline = "group"
     image_columns = ("image_0", "image_1")
@@ -68,9 +71,11 @@ class WinogroundTask(PairwiseTask):
             recs.append({"id": it["id"], "scores": s, **winoground_scores(s)})
         return recs
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        return {k: {str(r["id"]): float(bool(r[k])) for r in records} for k in ("text", "image", "group")}
+
     def metrics(self, records: list[dict]) -> dict[str, float]:
-        n = len(records)
-        return {k: sum(bool(r[k]) for r in records) / n for k in ("text", "image", "group")}
+        return {m: ratio_of_sums(v) for m, v in self.item_scores(records).items()}
 
 
 @TASKS.register("valse")
@@ -80,6 +85,7 @@ class VALSETask(PairwiseTask):
     {piece: folder or [folders]}` (the pieces' images come from different source datasets), falling
     back to `image_root`. Only validated samples are scored (`mturk.caption >= 2`, the release's
     filter) unless `valid_only: false`."""
+    options = {"data_files": Any, "valid_only": bool, "image_roots": Any}
 
     headline = "acc"
 
@@ -123,6 +129,15 @@ class VALSETask(PairwiseTask):
         out["acc_piece_mean"] = sum(pieces) / len(pieces)
         return out
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        """Pooled `acc` (the headline) and `acc_piece_mean` (each item weighted 1 / its piece's size)."""
+        sizes: dict[str, int] = {}
+        for r in records:
+            sizes[str(r["piece"])] = sizes.get(str(r["piece"]), 0) + 1
+        return {"acc": {str(r["id"]): float(bool(r["correct"])) for r in records},
+                "acc_piece_mean": {str(r["id"]): [float(bool(r["correct"])) / sizes[str(r["piece"])],
+                                                  1.0 / sizes[str(r["piece"])]] for r in records}}
+
 
 @TASKS.register("svo_probes")
 class SVOProbesTask(PairwiseTask):
@@ -133,6 +148,7 @@ class SVOProbesTask(PairwiseTask):
     As in the release's evaluation notebook, only rows negative in exactly one type are scored, in the
     overall accuracy too; rows flagged in several types (or none) are left out and counted in
     results.json under `excluded`."""
+    options = {"image_template": str}
 
     headline = "acc"
     image_columns = ("pos_image", "neg_image")
@@ -169,6 +185,9 @@ class SVOProbesTask(PairwiseTask):
     def metrics(self, records: list[dict]) -> dict[str, float]:
         return grouped_accuracy(records, "neg_type")
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        return {"acc": {str(r["id"]): float(bool(r["correct"])) for r in records}}
+
 
 def _flag(value: Any) -> bool:
     """A subj_neg/verb_neg/obj_neg cell: 'True'/'False' in the CSV, booleans on the hub."""
@@ -186,6 +205,7 @@ def _flag(value: Any) -> bool:
 class VSRTask(PairwiseTask):
     """VSR: true iff p(first answer token = "Yes") > p("No") for the question of whether the caption
     describes the image. Local: JSONL lines {image, caption, label (1/0), relation} + `image_root`."""
+    options = {"answers": list[str]}
 
     headline = "acc"
     image_columns = ("image",)
@@ -208,5 +228,8 @@ class VSRTask(PairwiseTask):
                          "correct": pred == it["label"]})
         return recs
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        return {"acc": {str(r["id"]): float(bool(r["correct"])) for r in records}}
+
     def metrics(self, records: list[dict]) -> dict[str, float]:
-        return {"acc": sum(r["correct"] for r in records) / len(records)}
+        return {m: ratio_of_sums(v) for m, v in self.item_scores(records).items()}

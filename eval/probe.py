@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from eval.base import TASKS, Task
-from eval.classification import ClassificationData
+from eval.base import TASKS, Task, write_item_scores
+from eval.classification import DATA_OPTIONS, ClassificationData
 from eval.data import open_image
+from eval.metrics import ItemScore, ratio_of_sums
+from vlm.config import Positive, Range
 from vlm.errors import UserError
 from vlm.io import atomic_write_json, atomic_write_text
 
 
 @TASKS.register("linear_probe")
 class LinearProbeTask(Task):
+    options = {**DATA_OPTIONS, "pool": str, "train_split": str, "train_limit": Optional[Positive],
+               "C": Annotated[float, Range(gt=0)], "max_iter": Positive}
     family = "probe"
     headline = "acc"
 
@@ -77,13 +81,16 @@ class LinearProbeTask(Task):
             records.append({"id": r["id"], "label": r["label"], "pred": order[0], "top5": order[:5]})
         atomic_write_text(task_dir / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in records))
         metrics = self.metrics(records)
+        write_item_scores(self, task_dir, self.item_scores(records), metrics)
         metrics.update(num_train=len(train_rows), feature_dim=int(x_tr.shape[1]))
         result = {"task": self.name, "type": "linear_probe", "family": self.family, "headline": self.headline,
                   "score": metrics["acc"], "num_items": len(records), "metrics": metrics}
         atomic_write_json(task_dir / "results.json", result)
         return result
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        return {"acc": {str(r["id"]): float(r["pred"] == r["label"]) for r in records},
+                "top5": {str(r["id"]): float(r["label"] in r["top5"]) for r in records}}
+
     def metrics(self, records: list[dict]) -> dict[str, float]:
-        n = len(records)
-        return {"acc": sum(r["pred"] == r["label"] for r in records) / n,
-                "top5": sum(r["label"] in r["top5"] for r in records) / n}
+        return {m: ratio_of_sums(v) for m, v in self.item_scores(records).items()}

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from eval.base import TASKS, Task, score_field
+from eval.base import SCORE_OPTION, TASKS, Task, score_field
 from eval.data import open_image
-from eval.metrics import argmax_correct, spec_metrics
+from eval.metrics import ItemScore, argmax_correct, spec_metrics
 from vlm.errors import UserError
 
 SUBSETS = ("absolute_size", "relative_size", "absolute_spatial", "relative_spatial", "existence", "count")
@@ -29,6 +29,7 @@ CAPTION_PROMPT = "<image>\nDescribe the image in one sentence."
 
 @TASKS.register("spec")
 class SPECTask(Task):
+    options = {**SCORE_OPTION, "prompt": str, "path": str, "subsets": Optional[list[str]], "image_root": Optional[str]}
     family = "diagnostic"
     headline = "mean"
 
@@ -98,3 +99,20 @@ class SPECTask(Task):
 
     def metrics(self, records: list[dict]) -> dict[str, float]:
         return spec_metrics(records)
+
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        """`i2t`, `t2i` and `mean` as item shares: the mean over subsets (and directions) weights each item by
+        1 / (its subset-direction's size x the number of subset-directions averaged)."""
+        cells: dict[tuple[str, str], int] = {}
+        for r in records:
+            cells[(r["subset"], r["direction"])] = cells.get((r["subset"], r["direction"]), 0) + 1
+        per_dir = {d: sum(1 for (_, dd) in cells if dd == d) for d in ("i2t", "t2i")}
+        out: dict[str, dict[str, ItemScore]] = {"i2t": {}, "t2i": {}, "mean": {}}
+        for r in records:
+            d, c = r["direction"], float(bool(r["correct"]))
+            w = 1.0 / cells[(r["subset"], d)] / per_dir[d]
+            out[d][str(r["id"])] = [c * w, w]
+            # the mean of the directions scored: each direction's weights sum to 1 / (directions present)
+            wm = w / sum(1 for n in per_dir.values() if n)
+            out["mean"][str(r["id"])] = [c * wm, wm]
+        return {m: v for m, v in out.items() if v}

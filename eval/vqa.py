@@ -7,12 +7,14 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from eval.base import TASKS, Task
 from eval.data import B64Image, hf_rows, load_hf, open_image, read_records
-from eval.metrics import (ANSWER_PARSERS, LETTERS, VQA_NORMALIZE_MODES, extract_choice, gqa_exact_match,
-                          letter_probabilities, mme_metrics, mme_parse, pope_metrics, pope_parse, vqa_accuracy)
+from eval.metrics import (ANSWER_PARSERS, LETTERS, VQA_NORMALIZE_MODES, ItemScore, by_metric, circular_accuracy,
+                          extract_choice, gqa_exact_match, letter_probabilities, mme_metrics, mme_parse,
+                          pope_item_scores, pope_metrics, pope_parse, ratio_of_sums, vqa_accuracy)
+from vlm.config import Positive
 from vlm.errors import UserError
 
 SHORT = "<image>\n{question}\nAnswer the question using a single word or phrase."
@@ -26,6 +28,8 @@ def _need(cfg: dict, *keys: str) -> None:
 
 class ShortAnswerTask(Task):
     """Greedy generation of a short answer per item; subclasses load rows and score records."""
+    options = {"prompt": str, "max_new_tokens": Positive, "image_root": Optional[str], "hf": Optional[str], "split": str,
+               "config": Optional[str]}
 
     family = "general"
     default_prompt = SHORT
@@ -55,6 +59,8 @@ class ShortAnswerTask(Task):
 class VQATask(ShortAnswerTask):
     """VQA accuracy. `normalize`: `official` (VQAv2's vqaEval.py, the vqav2 default), `textvqa` (TextVQA's
     evaluator, always normalising both sides; the textvqa default) or `always` (lmms-eval's VQAv2)."""
+    options = {"normalize": str, "questions_file": Optional[str], "annotations_file": Optional[str],
+               "data_file": Optional[str], "image_template": str}
 
     headline = "acc"
 
@@ -91,21 +97,26 @@ class VQATask(ShortAnswerTask):
         return [{**q, "answers": anns[q["question_id"]]["answers"], "answer_type": anns[q["question_id"]]["answer_type"],
                  "image": tmpl.format(image_id=q["image_id"])} for q in qs]
 
-    def metrics(self, records: list[dict]) -> dict[str, float]:
-        per_type: dict[str, list[float]] = defaultdict(list)
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        """`acc`, and with several answer types `acc/<type>` (each item counts in its own type only)."""
+        types = sorted({r["answer_type"] for r in records})
+        per: dict[str, dict[str, ItemScore]] = {}
         for r in records:
-            per_type[r["answer_type"]].append(vqa_accuracy(r["prediction"], r["answers"], self.normalize))
-        allv = [v for vs in per_type.values() for v in vs]
-        out = {"acc": sum(allv) / len(allv)}
-        if len(per_type) > 1:
-            out |= {f"acc/{t}": sum(v) / len(v) for t, v in sorted(per_type.items())}
-        return out
+            acc = vqa_accuracy(r["prediction"], r["answers"], self.normalize)
+            per[str(r["id"])] = {"acc": acc} | ({f"acc/{t}": [acc if r["answer_type"] == t else 0.0,
+                                                              float(r["answer_type"] == t)] for t in types}
+                                                if len(types) > 1 else {})
+        return by_metric(per)
+
+    def metrics(self, records: list[dict]) -> dict[str, float]:
+        return {m: ratio_of_sums(v) for m, v in self.item_scores(records).items()}
 
 
 @TASKS.register("gqa")
 class GQATask(ShortAnswerTask):
     """GQA exact match after `gqa_normalize`. Local: the official questions JSON (qid → {imageId,
     question, answer}) and `image_root/<imageId>.jpg`."""
+    options = {"data_file": Optional[str], "images_config": Optional[str]}
 
     headline = "acc"
     default_split = "testdev"
@@ -123,8 +134,11 @@ class GQATask(ShortAnswerTask):
             rows = [{**r, "image": f"{r['imageId']}.jpg"} for r in read_records(self.cfg["data_file"])]
         return [{"id": str(r["id"]), "question": r["question"], "image": r["image"], "answer": r["answer"]} for r in rows]
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        return {"acc": {str(r["id"]): gqa_exact_match(r["prediction"], r["answer"]) for r in records}}
+
     def metrics(self, records: list[dict]) -> dict[str, float]:
-        return {"acc": sum(gqa_exact_match(r["prediction"], r["answer"]) for r in records) / len(records)}
+        return {m: ratio_of_sums(v) for m, v in self.item_scores(records).items()}
 
 
 @TASKS.register("pope")
@@ -133,6 +147,7 @@ class POPETask(ShortAnswerTask):
     eval_pope reports them), their mean over categories (`<metric>_category_mean`) and pooled over all
     items (the headline `f1`). Hub (lmms-lab/POPE): `id` is the global id (`question_id` restarts in each
     category). Local: `data_files: {category: pope jsonl}` with lines {question_id, image, text, label}."""
+    options = {"data_files": Any}
 
     headline = "f1"
     default_split = "test"
@@ -170,12 +185,17 @@ class POPETask(ShortAnswerTask):
             out[f"{k}_category_mean"] = sum(m[k] for m in per_cat.values()) / len(per_cat)
         return out
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        """Pooled acc, precision, recall and F1 (the headline) as item shares (`eval.metrics.pope_item_scores`)."""
+        return by_metric({str(r["id"]): pope_item_scores(r) for r in records})
+
 
 @TASKS.register("mme")
 class MMETask(ShortAnswerTask):
     """MME: yes/no per question (MME's parser), acc and acc+ per category, perception/cognition scores.
     Local: the release folder, one subfolder per category holding `<img>.txt` files of
     `question<TAB>answer` lines next to the images (or in `questions_answers_YN/` + `images/`)."""
+    options = {"path": Optional[str]}
 
     headline = "acc"
     default_prompt = "<image>\n{question}"
@@ -207,11 +227,17 @@ class MMETask(ShortAnswerTask):
     def metrics(self, records: list[dict]) -> dict[str, float]:
         return mme_metrics({**r, "image": r["image_key"]} for r in records)
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        """`acc` per question (the headline); acc+ and the category scores are per image, not item shares."""
+        return {"acc": {str(r["id"]): float(r["pred"] == r["answer"].strip().lower()) for r in records}}
+
 
 class ChoiceTask(Task):
     """Multiple choice by generation + rule-based letter extraction (`mode: generate`, default; the rule is
     `answer_parser`, see eval.metrics.ANSWER_PARSERS) or by the renormalised letter probabilities
     (`mode: likelihood`)."""
+    options = {"mode": str, "answer_parser": str, "image_root": Optional[str], "max_new_tokens": Positive,
+               "hf": Optional[str], "split": str, "config": Optional[str], "data_file": Optional[str]}
 
     family = "general"
     default_parser = "vlmevalkit"
@@ -251,10 +277,12 @@ class ChoiceTask(Task):
             rec["correct"] = rec["pred"] == rec["answer"]
         return recs
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        return by_metric({str(r["id"]): {"acc": float(r["correct"]), "parse_failure": float(r["pred"] is None)}
+                          for r in records})
+
     def metrics(self, records: list[dict]) -> dict[str, float]:
-        n = len(records)
-        return {"acc": sum(r["correct"] for r in records) / n,
-                "parse_failure": sum(r["pred"] is None for r in records) / n}
+        return {m: ratio_of_sums(v) for m, v in self.item_scores(records).items()}
 
 
 def _present(v: Any) -> bool:
@@ -266,6 +294,7 @@ class MMBenchTask(ChoiceTask):
     """MMBench with CircularEval: every question is asked once per rotation of its options and counts
     only when all rotations are right; answers parsed with VLMEvalKit's rule by default. Local: the
     official TSV (base64 `image` column)."""
+    options = {"circular": bool}
 
     headline = "circular_acc"
 
@@ -296,9 +325,16 @@ class MMBenchTask(ChoiceTask):
         return out
 
     def metrics(self, records: list[dict]) -> dict[str, float]:
-        from eval.metrics import circular_accuracy
-
         return circular_accuracy(records) | {"parse_failure": sum(r["pred"] is None for r in records) / len(records)}
+
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        """The unit of `circular_acc` is the question (all its rotations right); the other metrics are per rotation."""
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for r in records:
+            groups[str(r["group"])].append(bool(r["correct"]))
+        return {"circular_acc": {g: float(all(v)) for g, v in groups.items()}} | by_metric(
+            {str(r["id"]): {"vanilla_acc": float(r["correct"]), "parse_failure": float(r["pred"] is None)}
+             for r in records})
 
 
 @TASKS.register("scienceqa")

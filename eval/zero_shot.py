@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from eval.base import TASKS, Task
-from eval.classification import ClassificationData
+from eval.classification import DATA_OPTIONS, ClassificationData
 from eval.data import open_image
+from eval.metrics import ItemScore, ratio_of_sums
 from vlm.errors import UserError
 
 # openai/CLIP: notebooks/Prompt_Engineering_for_ImageNet.ipynb (imagenet) and data/prompts.md (the others)
@@ -126,6 +127,7 @@ class ContrastiveClassifier:
 
 @TASKS.register("zero_shot")
 class ZeroShotTask(Task):
+    options = {**DATA_OPTIONS, "templates": Any, "model": str}
     family = "probe"
     headline = "acc"
 
@@ -182,8 +184,10 @@ class ZeroShotTask(Task):
                          "gold_prob": float(p[it["label"]])})
         return recs
 
+    def item_scores(self, records: list[dict]) -> dict[str, dict[str, ItemScore]]:
+        return {"acc": {str(r["id"]): float(r["pred"] == r["label"]) for r in records},
+                "top5": {str(r["id"]): float(r["label"] in r["top5"]) for r in records},
+                "gold_prob": {str(r["id"]): float(r["gold_prob"]) for r in records}}
+
     def metrics(self, records: list[dict]) -> dict[str, float]:
-        n = len(records)
-        return {"acc": sum(r["pred"] == r["label"] for r in records) / n,
-                "top5": sum(r["label"] in r["top5"] for r in records) / n,
-                "gold_prob": sum(r["gold_prob"] for r in records) / n}
+        return {m: ratio_of_sums(v) for m, v in self.item_scores(records).items()}

@@ -1,5 +1,5 @@
-"""`vlm report`: paired axis effects (hand-worked), CSV/markdown coverage of failed and missing runs, and the
-self-contained HTML rendered in headless Chromium with every plot loaded."""
+"""`vlm report`: paired axis effects with their SEs (hand-worked), findings, CSV/markdown coverage of failed and
+missing runs, and the self-contained HTML rendered in headless Chromium with every plot loaded."""
 from __future__ import annotations
 
 import csv
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from vlm.errors import UserError
 from vlm.io import append_jsonl, atomic_write_json
 from vlm.report.collect import collect
-from vlm.report.effects import axis_effects
+from vlm.report.effects import AxisEffect, axis_effects
 from vlm.report.render import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,6 +27,15 @@ def scores(enc: str, llm: str, pt: str) -> tuple[float, float]:
     return 0.3 + 0.2 * b + 0.05 * y + 0.01 * q + 0.1 * b * y, 0.5 + 0.02 * b + 0.1 * y
 
 
+ITEMS = 100
+
+
+def item_scores(score: float) -> dict[str, float]:
+    """100 items, the first round(100 x score) right: nested sets, so paired differences are hand-countable."""
+    k = round(score * ITEMS)
+    return {f"q{i:03d}": float(i < k) for i in range(ITEMS)}
+
+
 def write_run(run: Path, fine: float, general: float, probe: float = 0.9) -> None:
     tasks = {"flowers": ("fine_grained", "classification", "mc_acc", fine,
                          {"mc_acc": fine, "open_acc": fine / 2, "likelihood_sum_top1": fine / 3}),
@@ -37,9 +47,12 @@ def write_run(run: Path, fine: float, general: float, probe: float = 0.9) -> Non
         res = {"task": name, "type": typ, "family": family, "headline": head, "score": score, "num_items": 5,
                "metrics": metrics}
         atomic_write_json(run / "eval" / name / "results.json", res)
+        atomic_write_json(run / "eval" / name / "item_scores.json", {
+            "task": name, "family": family, "headline": head, "scores": {head: item_scores(score)}})
         summary[name] = {k: v for k, v in res.items() if k != "task"}
-    atomic_write_json(run / "results.json", {"tasks": summary, "fine_grained": fine, "general": general,
-                                             "gap": fine - general})
+    fg = (fine + fine - 0.1) / 2  # the mean of the fine-grained tasks' headlines, as eval.runner.summarize
+    atomic_write_json(run / "results.json", {"tasks": summary, "fine_grained": fg, "general": general,
+                                             "gap": fg - general})
     (run / "recipe.yaml").write_text(
         "eval:\n  tasks:\n    - {type: classification, name: flowers, hf: nelorth/oxford-flowers}\n"
         "    - {type: classification, name: pets, hf: pets}\n"
@@ -72,15 +85,33 @@ def make_grid_dir(root: Path) -> Path:
     return root
 
 
+def _effects(root: Path) -> dict[tuple[str, str, str], AxisEffect]:
+    data = collect(root)
+    return {(e.axis, e.level, e.metric): e for e in axis_effects(data.finished, data.factors, data.seed_axis)}
+
+
 def test_axis_effects_are_mean_paired_differences(tmp_path):
-    effects = {e["axis"]: e for e in axis_effects(collect(make_grid_dir(tmp_path)))}
+    effects = _effects(make_grid_dir(tmp_path))
     # enc b vs a: pairs (llm, pt) = (x,p): +0.2 and (y,p): +0.3 (interaction); (x,q) missing, (y,q) failed
-    assert effects["enc"]["fine_grained"] == pytest.approx(0.25) and effects["enc"]["fine_grained_pairs"] == 2
-    assert effects["enc"]["general"] == pytest.approx(0.02)
+    fg = effects[("enc", "b", "fine_grained")]
+    assert fg.effect.value == pytest.approx(0.25) and fg.pairs == 2 and fg.reference == "a"
+    # flowers, first k items right: (x,p) a 30 -> b 50, (y,p) a 35 -> b 65; per item averaged over the 2 pairs:
+    # items 35-49 move in both (1.0), 30-34 and 50-64 in one (0.5); pets is the same shape 10 items lower
+    d = [1.0] * 15 + [0.5] * 20 + [0.0] * 65
+    m = sum(d) / 100
+    se_task = (sum((x - m) ** 2 for x in d) / 99 / 100) ** 0.5
+    assert fg.effect.se == pytest.approx((2 * se_task ** 2) ** 0.5 / 2)  # mean of flowers and pets (same shape)
+    assert effects[("enc", "b", "general")].effect.value == pytest.approx(0.02)
+    gap = effects[("enc", "b", "gap")]
+    assert gap.effect.value == pytest.approx(0.23)
+    assert gap.effect.se == pytest.approx((fg.effect.se ** 2 + effects[("enc", "b", "general")].effect.se ** 2) ** 0.5)
     # llm y vs x: (a,p): +0.05, (b,p): +0.15; general +0.1 everywhere
-    assert effects["llm"]["fine_grained"] == pytest.approx(0.10) and effects["llm"]["general"] == pytest.approx(0.1)
-    assert effects["pt"]["fine_grained"] == pytest.approx(0.01) and effects["pt"]["general_pairs"] == 2
-    assert (effects["enc"]["level"], effects["enc"]["reference"]) == ("b", "a")
+    assert effects[("llm", "y", "fine_grained")].effect.value == pytest.approx(0.10)
+    assert effects[("llm", "y", "general")].effect.value == pytest.approx(0.1)
+    assert effects[("pt", "q", "fine_grained")].effect.value == pytest.approx(0.01)
+    assert effects[("pt", "q", "general")].pairs == 2
+    # per task too: flowers' headline moves like fine_grained here
+    assert effects[("enc", "b", "flowers")].effect.value == pytest.approx(0.25)
 
 
 def test_zipped_axes_form_one_factor(tmp_path):
@@ -88,11 +119,35 @@ def test_zipped_axes_form_one_factor(tmp_path):
     plan = json.loads((root / "_grid" / "plan.json").read_text())
     plan["groups"] = [["enc", "llm"], ["pt"]]
     atomic_write_json(root / "_grid" / "plan.json", plan)
-    effects = axis_effects(collect(root))
-    assert [(e["axis"], e["level"]) for e in effects] == [("enc+llm", "a+y"), ("enc+llm", "b+x"), ("enc+llm", "b+y"), ("pt", "q")]
-    by = {(e["axis"], e["level"]): e for e in effects}
+    effects = _effects(root)
+    assert sorted({(a, lv) for a, lv, _ in effects}) == [("enc+llm", "a+y"), ("enc+llm", "b+x"), ("enc+llm", "b+y"),
+                                                        ("pt", "q")]
     # b+y vs a+x at pt=p only (a+x at q is missing): 0.2 + 0.05 + 0.1
-    assert by[("enc+llm", "b+y")]["fine_grained"] == pytest.approx(0.35) and by[("enc+llm", "b+y")]["fine_grained_pairs"] == 1
+    by = effects[("enc+llm", "b+y", "fine_grained")]
+    assert by.effect.value == pytest.approx(0.35) and by.pairs == 1
+
+
+def test_missing_item_scores_are_an_error(tmp_path):
+    root = make_grid_dir(tmp_path)
+    (root / "enc=a,llm=x,pt=p" / "eval" / "pets" / "item_scores.json").unlink()
+    with pytest.raises(UserError, match="no item_scores.json.*vlm eval"):
+        collect(root)
+
+
+def test_axis_roles_come_from_what_the_axis_changes(tmp_path):
+    root = make_grid_dir(tmp_path)
+    plan = json.loads((root / "_grid" / "plan.json").read_text())
+    for p in plan["points"]:
+        lab = p["labels"]
+        p["overrides"] = {"model.encoder": {"type": lab["enc"]}, "model.llm": {"path": lab["llm"]},
+                          "stages.align.freeze.llm": {"mode": "frozen" if lab["pt"] == "p" else "full"}}
+    atomic_write_json(root / "_grid" / "plan.json", plan)
+    for p in plan["points"]:
+        if (root / p["id"]).exists():
+            (root / p["id"] / "recipe.yaml").write_text("stages:\n  align: {}\n  finetune: {}\n")
+    data = collect(root)
+    assert data.roles == {"enc": "encoder", "llm": "llm", "pt": "stage1_llm"}
+    assert data.trained_levels == {"pt": {"q"}}
 
 
 def test_report_files_cover_every_run(tmp_path):
@@ -106,18 +161,30 @@ def test_report_files_cover_every_run(tmp_path):
     assert by[MISSING]["state"] == "pending"
     ok = by["enc=b,llm=y,pt=p"]
     assert (ok["enc"], ok["llm"], ok["pt"]) == ("b", "y", "p")
-    assert float(ok["fine_grained"]) == pytest.approx(0.65) and float(ok["general"]) == pytest.approx(0.62)
+    assert float(ok["fine_grained"]) == pytest.approx(0.60) and float(ok["general"]) == pytest.approx(0.62)
+    # SE of flowers (65/100 right) sqrt(.65 x .35 / 99), of pets (55/100) sqrt(.55 x .45 / 99): fine_grained's is
+    # sqrt(sum of squares) / 2
+    se_fg = ((0.65 * 0.35 / 99) + (0.55 * 0.45 / 99)) ** 0.5 / 2
+    assert float(ok["fine_grained_se"]) == pytest.approx(se_fg)
     assert float(ok["flowers.open_acc"]) == pytest.approx(0.325) and float(ok["vqav2.score"]) == pytest.approx(0.62)
     md = (root / "report.md").read_text()
     assert "8 planned runs: 6 finished with results, 2 missing or failed." in md
-    for title in ("Axis effects", "Per dataset — fine-grained classification", "Per dataset — general VQA",
-                  "Per protocol", "Protocol `open`", "Linear-probe ceiling", "Missing or failed runs"):
+    for title in ("Axis effects", "Axis effects per task", "Findings", "Tasks and their headline metrics",
+                  "Per dataset — fine-grained classification", "Per dataset — general VQA",
+                  "Per protocol", "Protocol open (open_acc)", "Linear-probe ceiling", "Missing or failed runs"):
         assert title in md, title
+    assert "`" not in "".join(line for line in md.splitlines() if line.startswith("#"))  # no literal backticks
+    # each point's summary with its SE; enc b vs a on fine-grained with its SE, no seed axis so no seed noise
+    assert "| enc=b,llm=y,pt=p | done | b | y | p | 0.600 ± 0.035 | 0.620 ± 0.049 | -0.020 ± 0.060 |" in md
+    # general: items 50-51 and 60-61 move in one pair each (0.5): SE sqrt((4 x .48² + 96 x .02²) / 99 / 100) = 0.010
+    assert "| enc | – | b vs a | +0.250 ± 0.026 * | +0.020 ± 0.010 * | +0.230 ± 0.028 * | – / – | 2 |" in md
+    assert "| mc_acc |" in md and "| flowers | fine-grained classification | classification | mc_acc |" in md
     problems = md[md.index("## Missing or failed runs"):]
     assert FAILED in problems and MISSING in problems and "CUDA OOM" in problems
     # the probe pairs with the VLM task on the same data source: 0.9 vs flowers' mc_acc 0.65
     assert "| enc=b,llm=y,pt=p | flowers | 0.900 | 0.650 | mc_acc | 0.250 |" in md
-    assert set(out) >= {"fine-grained vs general", "axis effects", "linear-probe ceiling", "training dynamics"}
+    assert set(out) >= {"fine-grained vs general", "axis effects: fine-grained next to general", "linear-probe ceiling",
+                        "training dynamics"}
     assert sorted(p.name for p in (root / "plots").iterdir()) == [
         "axis_effects.png", "dynamics.png", "fine_vs_general.png", "probe_ceiling.png"]
     html = (root / "report.html").read_text()
@@ -132,6 +199,16 @@ def test_report_of_an_empty_grid_lists_every_point_as_missing(tmp_path):
     md = (root / "report.md").read_text()
     assert "2 planned runs: 0 finished with results, 2 missing or failed." in md
     assert md.count("| pending |") >= 2 and not (root / "plots").exists()
+    assert "Findings" not in md or "cannot tell" in md
+
+
+def test_no_problems_table_when_every_run_finished(tmp_path):
+    root = make_grid_dir(tmp_path)
+    plan = json.loads((root / "_grid" / "plan.json").read_text())
+    plan["points"] = [p for p in plan["points"] if p["id"] not in (FAILED, MISSING)]
+    atomic_write_json(root / "_grid" / "plan.json", plan)
+    build_report(root)
+    assert "Missing or failed runs" not in (root / "report.md").read_text()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")

@@ -13,6 +13,8 @@ from vlm.errors import UserError
 from vlm.grid.executors import read_record
 from vlm.grid.points import load_plan, point_state
 from vlm.io import read_json, read_jsonl
+from vlm.report.effects import PointScores, TaskScores
+from vlm.report.findings import axis_role, stage1_trained_levels
 
 HEADLINE = ("fine_grained", "general", "gap")
 
@@ -26,6 +28,7 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)  # flat: "fine_grained", "<task>.<metric>", ...
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # see `_tasks`
     dynamics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records holding eval metrics
+    scores: PointScores | None = None  # every task's per-item scores (eval/<task>/item_scores.json)
 
     @property
     def ok(self) -> bool:
@@ -39,6 +42,13 @@ class Collected:
     axes: list[str]
     factors: list[list[str]]
     rows: list[Row]
+    roles: dict[str, str | None] = field(default_factory=dict)  # factor ("+"-joined axes) -> what it varies
+    trained_levels: dict[str, set[str]] = field(default_factory=dict)  # stage1_llm factor -> levels training the LLM
+    seed_axis: str | None = None
+
+    @property
+    def finished(self) -> list[PointScores]:
+        return [r.scores for r in self.rows if r.ok and r.scores is not None]
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, float]:
@@ -88,15 +98,72 @@ def _tasks(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _stage_logs(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl of the run, plus the log of every stage it reused from the artifact store (that stage was
+    trained by another run; its artifact carries its log)."""
+    records = list(read_jsonl(run_dir / "metrics.jsonl"))
+    own = {r.get("stage") for r in records}
+    for link in sorted((run_dir / "stages").glob("*/artifact.json")):
+        stage = link.parent.name
+        if stage in own:
+            continue
+        art = Path(read_json(link).get("path", ""))
+        records = [*read_jsonl(art / "metrics.jsonl"), *records] if (art / "metrics.jsonl").exists() else records
+    return records
+
+
 def _dynamics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records that carry periodic eval results (`{"stage", "step", "eval": {task: score}}`)."""
+    """Records that carry periodic eval results (`{"stage", "step", "eval": {task: score}}`), stage by stage."""
     out = []
-    for rec in read_jsonl(run_dir / "metrics.jsonl"):
+    for rec in _stage_logs(run_dir):
         ev = {k[len("eval."):]: v for k, v in flatten(rec).items() if k.startswith("eval.")}
         if ev and "step" in rec:
             stage = rec.get("stage") or "-"
             out.append({"step": rec["step"], "stage": stage, **{f"{stage}: {k}": v for k, v in ev.items()}})
     return out
+
+
+def task_scores(run_dir: Path) -> dict[str, TaskScores]:
+    """Every evaluated task's per-item scores, as the task wrote them; a task without them is an error."""
+    out = {}
+    for res_path in sorted((run_dir / "eval").glob("*/results.json")):
+        path = res_path.parent / "item_scores.json"
+        if not path.exists():
+            raise UserError(f"{res_path.parent} has results but no item_scores.json (evaluated by an older version); "
+                            f"run `vlm eval {run_dir}` again: it reuses the stored predictions and writes them.")
+        doc = read_json(path)
+        out[doc["task"]] = TaskScores(doc["task"], doc["family"], doc["headline"], doc["scores"])
+    return out
+
+
+def _first_stage(grid_dir: Path, points: list[dict[str, Any]]) -> str | None:
+    for p in points:
+        recipe = grid_dir / p["id"] / "recipe.yaml"
+        if recipe.exists():
+            stages = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("stages") or {}
+            return next(iter(stages), None) if isinstance(stages, dict) else None
+    return None
+
+
+def factor_keys(points: list[dict[str, Any]], factors: list[list[str]], factor: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The override keys whose values differ between points that differ in `factor` only, and per level of the
+    factor the value of the first such key (to tell a stage-1 freeze policy's levels apart)."""
+    others = [f for f in factors if f != factor]
+    by_ctx: dict[tuple, list[dict[str, Any]]] = {}
+    for p in points:
+        by_ctx.setdefault(tuple("+".join(p["labels"][a] for a in f) for f in others), []).append(p)
+    keys: list[str] = []
+    for group in by_ctx.values():
+        for p in group[1:]:
+            for k in sorted(set(p["overrides"]) | set(group[0]["overrides"])):
+                if p["overrides"].get(k) != group[0]["overrides"].get(k) and k not in keys:
+                    keys.append(k)
+    values = {}
+    for p in points:
+        level = "+".join(p["labels"][a] for a in factor)
+        hit = next((k for k in keys if k in p["overrides"]), None)
+        values.setdefault(level, p["overrides"].get(hit) if hit else None)
+    return keys, values
 
 
 def collect(grid_dir: str | Path) -> Collected:
@@ -112,5 +179,17 @@ def collect(grid_dir: str | Path) -> Collected:
             row.metrics = {k.removeprefix("tasks.").replace(".metrics.", "."): v for k, v in flatten(res).items()}
         row.tasks = _tasks(run_dir)
         row.dynamics = _dynamics(run_dir)
+        if row.ok:
+            row.scores = PointScores(p["id"], p["labels"], task_scores(run_dir))
         rows.append(row)
-    return Collected(grid_dir=grid_dir, name=plan["name"], axes=plan["axes"], factors=plan["groups"], rows=rows)
+    data = Collected(grid_dir=grid_dir, name=plan["name"], axes=plan["axes"], factors=plan["groups"], rows=rows)
+    first = _first_stage(grid_dir, plan["points"])
+    for factor in data.factors:
+        name = "+".join(factor)
+        keys, values = factor_keys(plan["points"], data.factors, factor)
+        data.roles[name] = axis_role(keys, first)
+        if data.roles[name] == "seed" and len(factor) == 1:
+            data.seed_axis = factor[0]
+        if data.roles[name] == "stage1_llm":
+            data.trained_levels[name] = stage1_trained_levels(values)
+    return data

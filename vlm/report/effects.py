@@ -21,12 +21,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from eval.metrics import ItemScore, as_num_den
 from vlm.errors import UserError
 
 SUMMARIES = ("fine_grained", "general", "gap")
-
-# an item's contribution to one metric: a score (den = 1) or [numerator, denominator]
-ItemScore = float | Sequence[float]
 
 
 @dataclass(frozen=True)
@@ -60,22 +58,17 @@ class PointScores:
     tasks: dict[str, TaskScores] = field(default_factory=dict)
 
 
-def _num_den(x: ItemScore) -> tuple[float, float]:
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return float(x), 1.0
-    if isinstance(x, Sequence) and len(x) == 2:
-        return float(x[0]), float(x[1])
-    raise UserError(f"an item score must be a number or [numerator, denominator], got {x!r}.")
-
-
 def influence(scores: Mapping[str, ItemScore]) -> tuple[float, dict[str, float]]:
     """The ratio `R = Σnum / Σden` and every item's linearised influence on it (see the module docstring)."""
     if not scores:
         raise UserError("no item scores to estimate from.")
-    pairs = {i: _num_den(x) for i, x in scores.items()}
+    try:
+        pairs = {i: as_num_den(x) for i, x in scores.items()}
+    except ValueError as e:
+        raise UserError(f"{e}; the item_scores.json of this task is damaged: rerun `vlm eval RUN_DIR`.") from None
     total_den = sum(d for _, d in pairs.values())
-    if total_den <= 0:
-        raise UserError("item scores have a zero total denominator; the metric is undefined on these items.")
+    if total_den <= 0:  # precision/recall/F1 with nothing to count: 0, as the scorers define them
+        return 0.0, dict.fromkeys(pairs, 0.0)
     ratio = sum(n for n, _ in pairs.values()) / total_den
     mean_den = total_den / len(pairs)
     return ratio, {i: (n - ratio * d) / mean_den for i, (n, d) in pairs.items()}

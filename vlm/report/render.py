@@ -1,7 +1,8 @@
 """A grid report (`vlm report GRID_DIR`): results.csv, report.md, a self-contained report.html and plots/*.png.
 
 Every planned point appears in every table, with its state; runs that are missing or failed are listed as
-such and never dropped. Axis effects are paired differences (see `vlm.report.effects.axis_effects`).
+such and never dropped. Every score carries its standard error over eval items and every axis effect is a
+paired difference with its noise (`vlm.report.effects`); `vlm.report.findings` judges the seed papers' claims.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any
 from vlm.io import atomic_write_bytes, atomic_write_text
 from vlm.report import plots as report_plots
 from vlm.report.collect import HEADLINE, PROTOCOL_METRICS, Collected, collect
-from vlm.report.effects import axis_effects
+from vlm.report.effects import AxisEffect, Estimate, axis_effects, point_summary
+from vlm.report.findings import Finding, findings
 
 
 def _fmt(v: Any) -> str:
@@ -26,15 +28,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write_csv(data: Collected, path: Path) -> None:
+def write_csv(data: Collected, summaries: dict[str, dict[str, Estimate]], path: Path) -> None:
     metric_cols = sorted({k for r in data.rows for k in r.metrics} - set(HEADLINE))
-    cols = ["run_id", "state", *data.axes, *HEADLINE, *metric_cols, "error"]
+    cols = ["run_id", "state", *data.axes, *HEADLINE, *(f"{k}_se" for k in HEADLINE), *metric_cols, "error"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
     for r in data.rows:
+        ses = [summaries[r.id][k].se if r.id in summaries and k in summaries[r.id] else "" for k in HEADLINE]
         w.writerow([r.id, r.state, *(r.labels.get(a, "") for a in data.axes),
-                    *(r.metrics.get(k, "") for k in HEADLINE), *(r.metrics.get(k, "") for k in metric_cols),
+                    *(r.metrics.get(k, "") for k in HEADLINE), *ses, *(r.metrics.get(k, "") for k in metric_cols),
                     (r.error or "").replace("\n", " ")])
     atomic_write_text(path, buf.getvalue())
 
@@ -44,18 +47,63 @@ def write_csv(data: Collected, path: Path) -> None:
 Table = tuple[str, list[str], list[list[Any]]]
 
 
-def overview_table(data: Collected) -> Table:
+def _pm(e: Estimate | None) -> str | None:
+    return None if e is None else f"{e.value:.3f} ± {e.se:.3f}"
+
+
+def overview_table(data: Collected, summaries: dict[str, dict[str, Estimate]]) -> Table:
+    """Every planned point: its state and fine-grained, general and gap, each ± its SE over eval items."""
     header = ["run", "state", *data.axes, "fine-grained", "general", "gap"]
-    rows = [[r.id, r.state, *(r.labels[a] for a in data.axes), *(r.metrics.get(k) for k in HEADLINE)]
-            for r in data.rows]
-    return "Runs", header, rows
+    rows = [[r.id, r.state, *(r.labels[a] for a in data.axes),
+             *(_pm(summaries.get(r.id, {}).get(k)) if r.ok else None for k in HEADLINE)] for r in data.rows]
+    return "Runs (mean ± standard error over eval items)", header, rows
 
 
-def effects_table(effects: list[dict[str, Any]]) -> Table:
-    header = ["axis", "level", "vs", "Δ fine-grained", "Δ general", "pairs"]
-    rows = [[e["axis"], e["level"], e["reference"], e["fine_grained"], e["general"], e["fine_grained_pairs"]]
-            for e in effects]
-    return "Axis effects (mean paired change when only this axis changes)", header, rows
+def _effect_cell(e: AxisEffect | None) -> str | None:
+    if e is None:
+        return None
+    return f"{e.effect.value:+.3f} ± {e.effect.se:.3f}" + (" *" if e.marked else "")
+
+
+def effects_table(data: Collected, effects: list[AxisEffect]) -> Table:
+    """Per axis and level: its effect on fine-grained next to its effect on general (and on the gap) — the
+    comparison the study is about — with the seed noise and the number of point pairs."""
+    seeded = data.seed_axis is not None
+    rule = ("* = |Δ| > 2 SE over items and > 2 × seed noise" if seeded else
+            "* = |Δ| > 2 SE over items; no seed axis, so training noise is not measured")
+    header = ["axis", "role", "level vs reference", "Δ fine-grained", "Δ general", "Δ gap", "seed noise (fg / gen)",
+              "point pairs"]
+    rows = []
+    for axis, level, ref in dict.fromkeys((e.axis, e.level, e.reference) for e in effects):
+        get = {e.metric: e for e in effects if (e.axis, e.level) == (axis, level)}
+        fg, gen = get.get("fine_grained"), get.get("general")
+        noise = " / ".join("–" if x is None or x.seed_sd is None else f"{x.seed_sd:.3f}" for x in (fg, gen))
+        pairs = next(iter(get.values())).pairs
+        rows.append([axis, data.roles.get(axis) or "–", f"{level} vs {ref}", _effect_cell(fg), _effect_cell(gen),
+                     _effect_cell(get.get("gap")), noise, pairs])
+    return f"Axis effects: paired change when only this axis changes ({rule})", header, rows
+
+
+def task_effects_table(effects: list[AxisEffect]) -> Table:
+    rows = [[e.axis, f"{e.level} vs {e.reference}", e.metric, _effect_cell(e),
+             "–" if e.seed_sd is None else f"{e.seed_sd:.3f}", e.effect.n, e.pairs]
+            for e in effects if e.metric not in HEADLINE]
+    return ("Axis effects per task (headline metric; * as above)",
+            ["axis", "level vs reference", "task", "Δ", "seed noise", "items", "point pairs"], rows)
+
+
+def findings_table(found: list[Finding]) -> Table:
+    rows = [[f.claim, f.axis or "–", f.verdict, f.evidence] for f in found]
+    return ("Findings: does this grid support the seed papers' claims?", ["claim", "axis", "verdict", "evidence"], rows)
+
+
+def tasks_table(data: Collected) -> Table:
+    """Which metric is each task's headline (the number its family's summary averages)."""
+    seen: dict[str, list[Any]] = {}
+    for r in data.rows:
+        for name, t in r.tasks.items():
+            seen.setdefault(name, [name, FAMILIES.get(t["family"], t["family"]), t["type"], t["headline"]])
+    return "Tasks and their headline metrics", ["task", "family", "type", "headline metric"], list(seen.values())
 
 
 FAMILIES = {"fine_grained": "fine-grained classification", "general": "general VQA", "diagnostic": "fine-grained diagnostics",
@@ -95,7 +143,7 @@ def protocol_tables(data: Collected) -> list[Table]:
     for p in protocols:
         tasks = sorted({n for r in data.rows for n, t in r.tasks.items() if p in t["protocols"]})
         rows = [[r.id, *(r.tasks[n]["protocols"].get(p) if n in r.tasks else _missing(r) for n in tasks)] for r in data.rows]
-        tables.append((f"Protocol `{p}` ({PROTOCOL_METRICS[p]}) per dataset", ["run", *tasks], rows))
+        tables.append((f"Protocol {p} ({PROTOCOL_METRICS[p]}) per dataset", ["run", *tasks], rows))
     return tables
 
 
@@ -157,23 +205,29 @@ def build_report(grid_dir: str | Path) -> dict[str, Path]:
     """Write every report file into the grid dir; returns their paths."""
     grid_dir = Path(grid_dir)
     data = collect(grid_dir)
-    effects = axis_effects(data)
+    summaries = {p.id: point_summary(p) for p in data.finished}
+    effects = axis_effects(data.finished, data.factors, data.seed_axis)
+    found = findings(effects, data.roles, data.trained_levels)
     pairs = probe_pairs(data)
     plots_dir = grid_dir / "plots"
     plots = {name: p for name, p in {
-        "fine-grained vs general": report_plots.scatter_fine_vs_general(data, plots_dir / "fine_vs_general.png"),
-        "axis effects": report_plots.axis_effects(effects, plots_dir / "axis_effects.png"),
+        "fine-grained vs general": report_plots.scatter_fine_vs_general(data, summaries, plots_dir / "fine_vs_general.png"),
+        "axis effects: fine-grained next to general": report_plots.axis_effects(effects, plots_dir / "axis_effects.png"),
         "linear-probe ceiling": report_plots.probe_ceiling(pairs, plots_dir / "probe_ceiling.png"),
         "training dynamics": report_plots.dynamics(data, plots_dir / "dynamics.png"),
     }.items() if p is not None}
-    tables = [overview_table(data), effects_table(effects), *dataset_tables(data), *protocol_tables(data)]
+    tables = [overview_table(data, summaries), findings_table(found), effects_table(data, effects),
+              task_effects_table(effects), tasks_table(data), *dataset_tables(data), *protocol_tables(data)]
     if pairs:
         tables.append(probe_table(pairs))
-    tables.append(problems_table(data))
+    problems = problems_table(data)
+    if problems[2]:
+        tables.append(problems)
+    tables = [t for t in tables if t[2]]
     n_ok = sum(r.ok for r in data.rows)
     summary = f"{len(data.rows)} planned runs: {n_ok} finished with results, {len(data.rows) - n_ok} missing or failed."
 
-    write_csv(data, grid_dir / "results.csv")
+    write_csv(data, summaries, grid_dir / "results.csv")
     md = [f"# Grid report: {data.name}", "", summary, ""]
     md += [f"![{name}](plots/{p.name})\n" for name, p in plots.items()]
     md += [_md_table(t) for t in tables]
