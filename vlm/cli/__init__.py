@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "zoo": "list or prepare the offline model zoo",
     "data": "generate the synthetic fine-grained world",
     "demo": "the README's main job: zoo, data, demo grid, report",
+    "plan": "price a recipe or grid before launch: parameters, FLOPs, memory per GPU, GPU-hours (meta device)",
 }
 
 

@@ -348,7 +348,7 @@ def _check_dataclass(value: dict, tp: type, where: str) -> dict:
     return out
 
 
-def _check_semantics(cfg: dict, where: str) -> None:
+def _check_semantics(cfg: dict, where: str, check_files: bool = True) -> None:
     stages = cfg["stages"]
     if not stages or not any(s["enabled"] for s in stages.values()):
         raise UserError(f"recipe {where} has no enabled stage under `stages:`; add one (see docs/recipes.md).")
@@ -357,7 +357,7 @@ def _check_semantics(cfg: dict, where: str) -> None:
             raise UserError(f"recipe {where}: model.{key} is empty; set it (e.g. defaults: [models/tiny.yaml]).")
     used = {item["dataset"] for st in stages.values() if st["enabled"] for item in st["data"]}
     for name, ds in cfg["datasets"].items():
-        if name in used:  # a data file may define more sources than a recipe uses
+        if name in used and check_files:  # a data file may define more sources than a recipe uses
             _check_dataset(name, ds)
     for sname, st in stages.items():
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", sname):
@@ -416,10 +416,11 @@ def _check_dataset(name: str, ds: dict) -> None:
         raise UserError(f"{where}.image_root: directory {ds['image_root']} not found; fix the path.")
 
 
-def validate(raw: dict, where: str = "recipe") -> dict:
-    """Check a composed dict against the schema; return it with defaults filled in."""
+def validate(raw: dict, where: str = "recipe", check_files: bool = True) -> dict:
+    """Check a composed dict against the schema; return it with defaults filled in. `check_files=False` skips the
+    checks that the datasets' files exist (`vlm plan` prices a recipe on a machine without its data)."""
     cfg = _check_dataclass(raw, Recipe, "")
-    _check_semantics(cfg, where)
+    _check_semantics(cfg, where, check_files)
     return cfg
 
 
