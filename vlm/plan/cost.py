@@ -61,6 +61,7 @@ class Trace:
     block_needs_grad: dict[str, bool] = field(default_factory=dict)
     image_tokens: int = 0
     labelled_tokens: int = 0
+    logits_bytes: int = 0  # the fp32 logits over the labelled positions (their gradient is as large)
 
     # ------------------------------------------------------------------ FLOPs
     def forward_flops(self, blocks: set[str] | None = None) -> int:
@@ -264,6 +265,7 @@ def _forward_one(vlm: Any, max_length: int, trace: Trace, text_tokens: int | Non
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device="meta")
     hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
     logits = lm.get_output_embeddings()(hidden[:, -n_text - 1:-1]).float()
+    trace.logits_bytes = logits.numel() * logits.element_size()
     targets = torch.zeros(n_text, dtype=torch.long, device="meta")
     return torch.nn.functional.cross_entropy(logits.reshape(n_text, -1), targets, reduction="sum")
 

@@ -11,7 +11,10 @@ optimizer's fp32 state (AdamW 8 B: exp_avg and exp_avg_sq; SGD with momentum 4 B
 | zero3    | (c + 4)·Nt/P               | F/P            | 4·Nt/P    | s·Nt/P    | c·(root + 2·largest block)    |
 | fsdp     | 4·Nt/P                     | F/P            | 4·Nt/P    | s·Nt/P    | c·(root + 2·largest block)    |
 
-(Nt trained parameters, F frozen bytes, P processes, c bytes of the compute dtype, s optimizer bytes.) ZeRO-2
+(Nt trained parameters, F frozen bytes, P processes, c bytes of the compute dtype, s optimizer bytes.)
+Peak = weights + optimizer + gathered + max(gradients, activations + gradient of the fp32 logits): backward
+starts with every saved activation and the logits' gradient alive, then frees activations while parameter
+gradients fill up (they are set to None after each step). ZeRO-2
 keeps a compute-dtype copy of the model on every rank and shards the fp32 master, gradients and optimizer;
 ZeRO-3 and FSDP (FULL_SHARD, one unit per transformer block) shard everything and gather one block at a time
 (plus the next, prefetched) and the root unit (embeddings, head, connector) for compute. Activations are
@@ -37,10 +40,14 @@ class Memory:
     optimizer: float
     activations: float
     gathered: float
+    logits_grad: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.gathered
+        """The peak during backward: it starts holding every activation plus the fp32 logits' gradient, and frees
+        activations layer by layer while the parameter gradients fill up (they are freed after each step)."""
+        return (self.weights + self.optimizer + self.gathered
+                + max(self.gradients, self.activations + self.logits_grad))
 
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "total": self.total}
@@ -58,8 +65,8 @@ def _unit_params(vlm: nn.Module) -> tuple[int, int]:
 
 
 def memory_per_gpu(vlm: nn.Module, activation_bytes: float, *, strategy: str, processes: int, compute_bytes: int,
-                   optimizer: str) -> Memory:
-    """Bytes per GPU; `activation_bytes` is already per micro-batch."""
+                   optimizer: str, logits_grad_bytes: float = 0.0) -> Memory:
+    """Bytes per GPU; `activation_bytes` and `logits_grad_bytes` are already per micro-batch."""
     p = max(int(processes), 1)
     trained = sum(t.numel() for t in vlm.parameters() if t.requires_grad)
     frozen = sum(t.numel() * t.element_size() for t in vlm.parameters() if not t.requires_grad)
@@ -80,4 +87,4 @@ def memory_per_gpu(vlm: nn.Module, activation_bytes: float, *, strategy: str, pr
     else:
         raise ValueError(f"unknown strategy {strategy!r}; one of {STRATEGIES}")
     return Memory(weights=float(weights), gradients=float(grads), optimizer=float(opt),
-                  activations=float(activation_bytes), gathered=float(gathered))
+                  activations=float(activation_bytes), gathered=float(gathered), logits_grad=float(logits_grad_bytes))

@@ -10,9 +10,9 @@ builder (`build_vlm`) under `torch.device("meta")`. Only the *source* of each pa
    name (README.md there says where each came from); a `zoo:` entry that is not prepared uses the
    stored config of its upstream model.
 
-An LLM from a hub id gets a built-in tokenizer of its chat family (only its chat template and special
-tokens are used); the embedding rows the real tokenizer would need (`len(tokenizer)` + `<image>`) come
-from the stored `tokenizer_facts.json`, and the embedding is resized as `build_llm` would resize it.
+An LLM's embedding gets the rows `build_llm` would give it (`len(tokenizer)` after adding `<image>`): from
+the tokenizer itself when it is on disk, else from the stored `tokenizer_facts.json`, with a built-in
+tokenizer of the model's chat family standing in (only its chat template and special tokens are used).
 This is for planning only: a meta model has no storage and cannot train.
 """
 from __future__ import annotations
@@ -117,9 +117,7 @@ def meta_encoder_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _tokenizer_facts(kind: str, where: Any) -> dict[str, Any] | None:
-    if kind != "hf":
-        return None
+def _tokenizer_facts(kind: str, where: Any) -> dict[str, Any]:
     f = stored_dir(where) / "tokenizer_facts.json"
     if not f.is_file():
         raise UserError(f"vlm plan: {where!r} has a stored config but no tokenizer_facts.json (vocabulary size); add "
@@ -127,40 +125,47 @@ def _tokenizer_facts(kind: str, where: Any) -> dict[str, Any] | None:
     return _read_json(f)
 
 
-def meta_llm_cfg(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
-    """An llm config for a random init of the same architecture, and the embedding rows the real tokenizer needs
-    (None when the real tokenizer is used, i.e. a local dir)."""
+def _tokenizer_rows(spec: str) -> int | None:
+    """Embedding rows `build_llm` ends with for this tokenizer: `len(tokenizer)` after adding `<image>`; None when
+    the tokenizer is not on this machine."""
+    if not spec.startswith("builtin:") and not Path(spec).expanduser().is_dir():
+        return None
+    from vlm.model.llm import IMAGE_TOKEN, load_tokenizer
+
+    tok = load_tokenizer(spec)
+    return len(tok) + (0 if IMAGE_TOKEN in tok.get_vocab() else 1)
+
+
+def meta_llm_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """An llm config for a random init of the same architecture. Its `vocab_size` already holds the rows the
+    real tokenizer needs, so `build_llm` does not resize (its mean-initialised resize cannot run on meta)."""
     cfg = copy.deepcopy(dict(cfg))
     path = cfg.pop("path", None)
     if path is None:
-        return cfg, None
+        return cfg
     kind, where = config_source(str(path))
     config = {k: v for k, v in _config_dict(kind, where).items() if k not in _DROP - {"model_type"}}
-    if "model_type" not in config:
-        raise UserError(f"vlm plan: the config of {path!r} has no model_type.")
+    if "model_type" not in config or "vocab_size" not in config:
+        raise UserError(f"vlm plan: the config of {path!r} has no model_type or vocab_size.")
+    spec = cfg.get("tokenizer") or (str(where) if kind == "dir" else None)
+    rows = _tokenizer_rows(str(spec)) if spec else None
+    if rows is None:
+        facts = _tokenizer_facts("hf", where if kind == "hf" else str(path))
+        rows = int(facts["len"]) + 1  # <image> is in none of these vocabularies
+        spec = f"builtin:{facts['family']}"  # stands in for the chat template and special tokens only
+    cfg["tokenizer"] = spec
+    config["vocab_size"] = max(int(config["vocab_size"]), rows)
     cfg["config"] = config
-    facts = _tokenizer_facts(kind, where)
-    if facts is None:
-        cfg.setdefault("tokenizer", str(where))
-        return cfg, None
-    if not cfg.get("tokenizer") or not str(cfg["tokenizer"]).startswith("builtin:"):
-        cfg["tokenizer"] = f"builtin:{facts['family']}"
-    # build_llm grows the embedding to len(tokenizer) after adding <image> (never in these vocabularies).
-    return cfg, max(int(config["vocab_size"]), int(facts["len"]) + 1)
+    return cfg
 
 
-def meta_model_cfg(model_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
-    llm, rows = meta_llm_cfg(model_cfg["llm"])
-    return {**dict(model_cfg), "encoder": meta_encoder_cfg(model_cfg["encoder"]), "llm": llm}, rows
+def meta_model_cfg(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {**dict(model_cfg), "encoder": meta_encoder_cfg(model_cfg["encoder"]), "llm": meta_llm_cfg(model_cfg["llm"])}
 
 
 def build_meta_vlm(model_cfg: Mapping[str, Any]) -> Any:
     """The recipe's VLM with every parameter on the meta device, built by the training's `build_vlm`."""
     from vlm.model import build_vlm
 
-    cfg, rows = meta_model_cfg(model_cfg)
     with torch.device("meta"):
-        vlm = build_vlm(cfg)
-        if rows is not None and vlm.language_model.get_input_embeddings().num_embeddings < rows:
-            vlm.language_model.resize_token_embeddings(rows, mean_resizing=False)
-    return vlm
+        return build_vlm(meta_model_cfg(model_cfg))

@@ -196,7 +196,8 @@ def plan_config(cfg: Mapping[str, Any], settings: Settings, *, point_id: str = "
         ck = _checkpointed(vlm, st)
         batch = int(st["batch_size"])
         mem = memory_per_gpu(vlm, batch * trace.saved_bytes(ck), strategy=strategy, processes=procs,
-                             compute_bytes=DTYPE_BYTES[dtype], optimizer=st["optim"]["name"])
+                             compute_bytes=DTYPE_BYTES[dtype], optimizer=st["optim"]["name"],
+                             logits_grad_bytes=batch * trace.logits_bytes)
         gbs = batch * int(st["grad_accum"]) * procs
         steps, samples, source = _stage_samples(cfg, st, gbs, settings)
         fwd, bwd = float(trace.forward_flops()), float(trace.backward_flops())
@@ -311,6 +312,20 @@ def _n(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _b(x: float) -> str:
+    """Bytes in binary units."""
+    for unit, div in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _h(x: float | None) -> str:
+    if x is None:
+        return "?"
+    return f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def print_plan(plans: Sequence[PointPlan], warnings: Sequence[str], settings: Settings, title: str, out: Any = None) -> None:
     import sys
 
@@ -322,7 +337,7 @@ def print_plan(plans: Sequence[PointPlan], warnings: Sequence[str], settings: Se
     table = Table(title=f"vlm plan — {title} (MFU {settings.mfu:g}, {peak})", show_lines=False)
     for col, just in (("point", "left"), ("stage", "left"), ("params", "right"), ("trainable", "right"),
                       ("img tok", "right"), ("seq", "right"), ("TFLOP/sample", "right"), ("GPUs", "right"),
-                      ("batch/GPU", "right"), ("GB/GPU", "right"), ("(w+g+opt | act | gath)", "right"),
+                      ("batch/GPU", "right"), ("mem/GPU", "right"), ("w+opt | grad | act+dlogit | gath", "right"),
                       ("samples", "right"), ("GPU-h", "right")):
         table.add_column(col, justify=just)
     for p in plans:
@@ -331,15 +346,14 @@ def print_plan(plans: Sequence[PointPlan], warnings: Sequence[str], settings: Se
             table.add_row(
                 p.id if i == 0 else "", s.stage, _n(s.params_total), _n(s.params_trainable), str(s.image_tokens),
                 str(s.seq_len), f"{s.flops_per_sample / 1e12:.3g}", f"{p.processes}x{p.strategy}", str(s.batch_per_gpu),
-                f"{m['total'] / 2**30:.1f}",
-                f"{(m['weights'] + m['gradients'] + m['optimizer']) / 2**30:.1f} | {m['activations'] / 2**30:.1f} | "
-                f"{m['gathered'] / 2**30:.1f}",
-                _n(s.samples) if s.samples is not None else "?",
-                f"{s.gpu_hours:,.1f}" if s.gpu_hours is not None else "?")
+                _b(m["total"]),
+                f"{_b(m['weights'] + m['optimizer'])} | {_b(m['gradients'])} | "
+                f"{_b(m['activations'] + m['logits_grad'])} | {_b(m['gathered'])}",
+                _n(s.samples) if s.samples is not None else "?", _h(s.gpu_hours))
     console.print(table)
     total, unique, listed = unique_gpu_hours(plans)
     if len(plans) > 1:
-        console.print(f"grid total: {f'{total:,.1f}' if total is not None else '?'} GPU-hours "
+        console.print(f"grid total: {_h(total)} GPU-hours "
                       f"({unique} stage trainings for {listed} listed stage runs; shared stage artifacts counted once)")
     for s in {s.samples_source for p in plans for s in p.stages}:
         console.print(f"samples: {s}")
