@@ -224,15 +224,16 @@ def test_tracker_records_are_flattened_per_stage(tmp_path):
 
 def test_train_stage_is_repeated_train_step(recipe, tmp_path):
     """A stage's losses and weights are exactly those of `train_step` called on its batches (batch 2 x accum 2),
-    so a benchmark that times `train_step` times the training code; the step's loss is the token mean."""
+    so a benchmark that times `train_step` (set up by `setup_training`) times the training code; the step's loss
+    is the token mean."""
     import torch.nn.functional as F
     from accelerate import Accelerator
     from omegaconf import OmegaConf
 
     from vlm.data.datasets import TrainSet, build_mixture, collate, epoch_batches, load_source
-    from vlm.recipe.freeze import apply_policy
     from vlm.train.run_dir import build_model, set_seed
-    from vlm.train.steps import _lr_lambda, build_optimizer, train_step
+    from vlm.train.steps import setup_training, train_step
+    from vlm.train.strategy import Strategy
 
     cfg = load_recipe(recipe, ["stages.align.enabled=false"])
     train(cfg, tmp_path / "run")
@@ -244,12 +245,7 @@ def test_train_stage_is_repeated_train_step(recipe, tmp_path):
     st, seed = cfg["stages"]["finetune"], cfg["run"]["seed"]
     vlm = build_model(cfg)
     set_seed(seed + 1 + list(cfg["stages"]).index("finetune"))
-    o = st["optim"]
-    optimizer = build_optimizer(apply_policy(vlm, st["freeze"], o), o)
-    warmup = round(o["warmup_ratio"] * 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o["scheduler"], warmup, 2))
-    acc = Accelerator(cpu=True)
-    model, optimizer = acc.prepare(vlm, optimizer)
+    state = setup_training(vlm, st, 2, Strategy(Accelerator(cpu=True), None), "stages.finetune")
     sources = {"instructions": load_source("instructions", cfg["datasets"]["instructions"], "raise")}
     ds = TrainSet(build_mixture(st["data"], sources, seed), vlm.tokenizer, vlm.image_token_id, vlm.num_image_tokens,
                   st["max_length"], "raise", st["chat_template"])
@@ -264,8 +260,7 @@ def test_train_stage_is_repeated_train_step(recipe, tmp_path):
                         pixels=vlm.preprocess(b["images"])).logits[:, :-1] for b in micro]
             ref = F.cross_entropy(torch.cat([lg.reshape(-1, lg.shape[-1]) for lg in outs]),
                                   torch.cat([b["labels"][:, 1:].reshape(-1) for b in micro]), ignore_index=-100)
-        stats = train_step(model, micro, optimizer, scheduler, acc, vlm=vlm, freeze=st["freeze"],
-                           max_grad_norm=o["max_grad_norm"])
+        stats = train_step(state, micro)
         assert stats.loss == pytest.approx(float(ref), rel=1e-5)
         assert stats.samples == 4 and stats.target_tokens == sum(b["num_target_tokens"] for b in micro)
         steps.append((stats.loss, stats.grad_norm, stats.lrs, stats.target_tokens))

@@ -4,8 +4,9 @@ A source is a memory-mapped record table (`vlm.data.records`): parsed once into 
 rank and DataLoader worker without copies. Samples are tokenised, image-expanded and their images decoded in
 the DataLoader workers (`TrainSet.__getitem__`). Broken samples raise a `UserError` naming the row, or with
 `data.on_error: skip` are dropped *and counted*. Structural problems (bad JSON, missing image file, `<image>`
-count mismatch) are found when a source is read; undecodable images and over-long samples when a sample is
-loaded. URL images are fetched into a local cache before training; dead links are skipped and counted.
+count mismatch) are found when a source is read; undecodable images when a sample is loaded. Over-long samples
+are cut as LLaVA cuts them (`truncate`: text only, never an image's tokens) and counted, never an error. URL
+images are fetched into a local cache before training; dead links are skipped and counted.
 
 Batches are planned per epoch from a seed, so every process (and a resumed run) sees the same global
 batches: a global batch = batch_size x world_size x grad_accum samples, sorted by length within
@@ -36,7 +37,7 @@ from vlm.world.synth.world import synth_dir
 
 __all__ = ["IGNORE_INDEX", "IMAGE_TOKEN", "BrokenSample", "Mixture", "Record", "Source", "TrainSet", "build_mixture",
            "collate", "default_num_workers", "epoch_batches", "image_bytes", "load_source", "micro_batch",
-           "open_image", "steps_per_epoch", "total_steps"]
+           "open_image", "steps_per_epoch", "total_steps", "truncate"]
 
 IGNORE_INDEX = -100
 
@@ -282,7 +283,7 @@ def load_source(name: str, ds_cfg: Mapping[str, Any], on_error: str, data_cfg: M
         else:
             path = _local_file(ds_cfg["path"], f"{where}.path")
             root = Path(ds_cfg["image_root"]).expanduser() if ds_cfg["image_root"] else path.parent
-        identity = file_sha256(path)
+        identity = file_sha256(path, cache_root)
         table = llava_table(path, root, position, cache_root, identity)
     if table.broken and on_error != "skip":
         raise _broken_error(table.broken[0])
@@ -389,11 +390,10 @@ class TrainSet(torch.utils.data.Dataset):
             if n_img != len(r.images):
                 raise BrokenSample(r.where, f"{len(r.images)} image(s) but {n_img} image tokens after tokenisation")
             ids, labels = expand_image_tokens(list(ids), list(labels), self.image_token_id, self.num_image_tokens)
-            if len(ids) > self.max_length:
-                raise BrokenSample(r.where, f"{len(ids)} tokens (with {len(r.images)} x {self.num_image_tokens} image "
-                                   f"tokens) exceed max_length {self.max_length}; image tokens are never truncated")
+            ids, labels, kept, truncated = truncate(ids, labels, self.max_length, self.image_token_id,
+                                                    self.num_image_tokens)
             images, keys = [], []
-            for ref in r.images:
+            for ref in r.images[:kept]:
                 try:
                     data = r.source.image_bytes(ref) if r.source is not None else image_bytes(ref)
                     im = open_image(data)
@@ -408,7 +408,28 @@ class TrainSet(torch.utils.data.Dataset):
             if self.on_error != "skip":
                 raise _broken_error(b) from None
             return {"broken": str(b)}
-        return {"input_ids": ids, "labels": labels, "images": images, "image_keys": keys, "id": r.id}
+        return {"input_ids": ids, "labels": labels, "images": images, "image_keys": keys, "id": r.id,
+                "truncated": truncated}
+
+
+def truncate(ids: list[int], labels: list[int], max_length: int, image_token_id: int,
+             num_image_tokens: int) -> tuple[list[int], list[int], int, bool]:
+    """LLaVA's cut of an over-long sample: keep its first `max_length` tokens, labels with them (LLaVA truncates the
+    tokenised text and then the spliced sequence at `model_max_length`). Image tokens are never cut: an image whose
+    tokens would not all fit is dropped whole, with everything after it. Returns (ids, labels, images kept, cut?)."""
+    if len(ids) <= max_length:
+        return ids, labels, ids.count(image_token_id) // max(num_image_tokens, 1), False
+    cut, kept, i = max_length, 0, 0
+    while i < cut:
+        if ids[i] == image_token_id:  # an expanded image: num_image_tokens consecutive placeholders
+            if i + num_image_tokens > cut:
+                cut = i
+                break
+            kept += 1
+            i += num_image_tokens
+        else:
+            i += 1
+    return ids[:cut], labels[:cut], kept, True
 
 
 def collate(items: list[dict], pad_id: int) -> dict:
@@ -429,7 +450,7 @@ def collate(items: list[dict], pad_id: int) -> dict:
         mask[b, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "images": [im for x in good for im in x["images"]], "image_keys": [k for x in good for k in x["image_keys"]],
-            "num_samples": len(good), "broken": broken,
+            "num_samples": len(good), "broken": broken, "num_truncated": sum(bool(x.get("truncated")) for x in good),
             "num_target_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
 
 

@@ -36,14 +36,19 @@ def _dataset_identity(ds: dict) -> dict:
 
 
 def stage_keys(cfg: DictConfig | dict) -> list[str]:
-    """One key per enabled stage: a hash of the model, the stage, its data, the seed and the previous key."""
+    """One key per enabled stage: a hash of the model, the stage, its data, the seed, the process layout
+    (`distributed.num_processes`, null = 1, so the global batch, and the strategy) and the previous key.
+    `vlm train` writes the process count it was started with into the run's recipe."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     keys, prev = [], None
+    world = int(c["distributed"]["num_processes"] or 1)
     for name in enabled_stages(c):
         st = {k: v for k, v in c["stages"][name].items() if k not in _NOT_IN_KEY}
         data = {item["dataset"]: _dataset_identity(c["datasets"][item["dataset"]]) for item in st["data"]}
         blob = json.dumps({"model": c["model"], "stage": st, "data": data, "on_error": c["data"]["on_error"],
                            "group_by_length": c["data"]["group_by_length"], "seed": c["run"]["seed"],
+                           "world_size": world, "strategy": c["distributed"]["strategy"],
+                           "global_batch": st["batch_size"] * st["grad_accum"] * world,
                            "prev": prev, "name": name}, sort_keys=True, default=str)
         prev = hashlib.sha256(blob.encode()).hexdigest()[:20]
         keys.append(prev)

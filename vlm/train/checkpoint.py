@@ -1,9 +1,11 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON, written atomically.
 
-A checkpoint dir `step_00000012/` holds `trainable.safetensors` (parameters with requires_grad),
-`optimizer.safetensors` + `optimizer.json`, `state.json` (scheduler, step, data position, python/numpy
-RNG) and `rng.safetensors` (torch RNG). It is written under a temporary name and renamed into place, then
-`latest.json` is replaced atomically, so a kill at any moment leaves the previous checkpoint usable.
+A checkpoint dir `step_00000012/` holds `trainable.safetensors` (the full fp32 trained parameters, gathered from
+every process under fsdp, and the trained modules' buffers, e.g. BatchNorm statistics), `optimizer.safetensors` +
+`optimizer.json` (the full optimizer state), `state.json` (scheduler, step, data position, python/numpy RNG) and
+`rng.safetensors` (torch RNG of the CPU and of this process's GPU). It is written under a temporary name and
+renamed into place, then `latest.json` is replaced atomically, so a kill at any moment leaves the previous
+checkpoint usable.
 """
 from __future__ import annotations
 
@@ -12,25 +14,44 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Iterable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from vlm.errors import UserError
 from vlm.io import atomic_save_safetensors, atomic_write_json, read_json
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: torch.nn.Module, buffers: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """CPU copies of the trainable parameters and of the named buffers (`freeze.trained_buffer_names`)."""
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    named = dict(model.named_buffers())
+    state.update({n: named[n].detach().cpu().clone() for n in buffers})
+    return state
+
+
+def load_trained_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy saved parameters and buffers (`trainable_state`) into the model in place."""
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    unknown = [n for n in tensors if n not in targets]
+    if unknown:
+        raise UserError(f"{where} does not fit this model (unknown parameters or buffers {unknown[:3]}...); "
+                        "it was made by a different model config.")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            targets[n].copy_(t)
 
 
 def optimizer_to_flat(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A torch optimizer state dict (parameters keyed by index, or by name as torch's full state dicts key them)
+    as tensors `"<param>.<key>"` plus JSON."""
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[k] = v
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
@@ -40,19 +61,24 @@ def optimizer_to_flat(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
+        pid, k = key.rsplit(".", 1)  # a parameter name holds dots, a state key ("exp_avg", "step") does not
+        state.setdefault(_pid(pid), {})[k] = v
     for pid, kv in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(kv)
+        state.setdefault(_pid(pid), {}).update(kv)
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 
+def _pid(s: str) -> int | str:
+    return int(s) if s.isdigit() else s
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Torch (CPU and this process's current GPU only: reading every GPU's state would create a CUDA context on
+    each visible GPU from every rank), python and numpy RNG state."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = s
+        tensors["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     py = random.getstate()
     np_state = np.random.get_state()
     meta = {"python": [py[0], list(py[1]), py[2]],
@@ -62,26 +88,28 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["torch"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors])
+    if torch.cuda.is_available() and "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"], torch.cuda.current_device())
     py = meta["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = meta["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict, keep: int = 2) -> Path:
-    """Write `ckpt_root/step_NNNNNNNN/` atomically and point `latest.json` at it."""
+def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict,
+                    state: dict, keep: int = 2) -> Path:
+    """Write `ckpt_root/step_NNNNNNNN/` atomically and point `latest.json` at it. `weights`: the full trained
+    parameters and buffers (`trainable_state`, or gathered from every process); `optimizer_state`: a full torch
+    optimizer state dict; `state`: JSON (scheduler, data position, ...)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
-    atomic_save_safetensors(tmp / "trainable.safetensors", trainable_state(model))
-    ot, om = optimizer_to_flat(optimizer.state_dict())
+    atomic_save_safetensors(tmp / "trainable.safetensors", weights)
+    ot, om = optimizer_to_flat(optimizer_state)
     atomic_save_safetensors(tmp / "optimizer.safetensors", ot)
     atomic_write_json(tmp / "optimizer.json", om)
     rt, rm = rng_state()
     atomic_save_safetensors(tmp / "rng.safetensors", rt)
-    atomic_write_json(tmp / "state.json", {**state, "step": step, "rng": rm, "scheduler": scheduler.state_dict()})
+    atomic_write_json(tmp / "state.json", {**state, "step": step, "rng": rm})
     final = ckpt_root / f"step_{step:08d}"
     if final.exists():
         shutil.rmtree(final)
@@ -104,16 +132,12 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return d if d.is_dir() else None
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
-    """Restore weights, optimizer, scheduler and RNG in place; return `state.json` (step, data position, ...)."""
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(trained weights and buffers, optimizer state dict, `state.json` with `rng_state` = (tensors, meta) for
+    `set_rng_state`)."""
     weights = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(optimizer_from_flat(load_file(str(ckpt / "optimizer.safetensors")),
-                                                  json.loads((ckpt / "optimizer.json").read_text())))
+    optim = optimizer_from_flat(load_file(str(ckpt / "optimizer.safetensors")),
+                                json.loads((ckpt / "optimizer.json").read_text()))
     state = read_json(ckpt / "state.json")
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(load_file(str(ckpt / "rng.safetensors")), state["rng"])
-    return state
+    state["rng_state"] = (load_file(str(ckpt / "rng.safetensors")), state["rng"])
+    return weights, optim, state
