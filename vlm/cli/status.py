@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"grid {plan['name']} ({grid_dir})")
     for col in ("run id", "state", "stage", "step", "fine-grained", "general", "gap", "note"):
         table.add_column(col)
-    colours = {DONE: "green", FAILED: "red", RUNNING: "cyan", "interrupted": "yellow"}
+    colours = {DONE: "green", FAILED: "red", RUNNING: "cyan", "interrupted": "yellow", "evaluating": "blue"}
     counts: dict[str, int] = {}
     for p in plan["points"]:
         state = point_state(grid_dir, p["id"])
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         stage, step = _progress(grid_dir / p["id"])
         head = _headline(grid_dir / p["id"])
         rec = read_record(grid_dir, p["id"])
-        note = rec.get("error") or (f"job {rec['job_id']}" if state == QUEUED else "")
+        note = rec.get("error") or rec.get("note") or (f"job {rec['job_id']}" if state == QUEUED else "")
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         table.add_row(p["id"], f"[{colours.get(state, 'white')}]{state}[/]", stage, step,
                       fmt(head["fine_grained"]), fmt(head["general"]), fmt(head["gap"]), note or "")
