@@ -58,8 +58,13 @@ class VisionEncoder(nn.Module):
         return None
 
     def blocks(self) -> nn.ModuleList:
-        """The backbone's stacked blocks, in order (the unit of a `partial` freeze policy)."""
+        """The backbone's stacked blocks that feed the returned features, in order (the unit of a `partial` freeze
+        policy). Blocks after the selected layer/stage are left out: they never receive a gradient."""
         raise NotImplementedError
+
+    def block_groups(self) -> list[nn.ModuleList]:
+        """`blocks()` per member backbone (one group unless fused): `partial` with k trains the last k of each."""
+        return [self.blocks()]
 
     def fingerprint(self) -> str:
         """Stable id of (weights source, architecture, transform, token selection): the feature-cache key."""

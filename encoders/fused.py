@@ -96,8 +96,12 @@ class FusedEncoder(VisionEncoder):
         return self.target if self.mode == "channel" else None
 
     def blocks(self) -> nn.ModuleList:
-        """The sub-encoders' blocks in order (first encoder's first)."""
-        return nn.ModuleList([b for e in self.encoders for b in e.blocks()])
+        """The sub-encoders' blocks that feed their selected features, in order (first encoder's first)."""
+        return nn.ModuleList([b for group in self.block_groups() for b in group])
+
+    def block_groups(self) -> list[nn.ModuleList]:
+        """One block list per sub-encoder: `partial` trains the last k blocks of each, not of the concatenation."""
+        return [e.blocks() for e in self.encoders]
 
     def fingerprint(self) -> str:
         ident = {"family": "fused", "mode": self.mode, "grid": list(self.target),

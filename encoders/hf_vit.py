@@ -143,9 +143,13 @@ class HFViTEncoder(VisionEncoder):
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
 
     def blocks(self) -> nn.ModuleList:
-        """The stack of transformer layers (`encoder.layers`, `encoder.layer` or `layers`, whatever HF named it)."""
+        """The transformer layers that feed `hidden_states[select_layer]` (layer i outputs hidden state i + 1), from
+        HF's stack (`encoder.layers`, `encoder.layer` or `layers`, whatever HF named it). The layers after it run but
+        never see a gradient, so `partial` must not count them."""
         n = self.model.config.num_hidden_layers
-        return next(m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == n)
+        stack = next(m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == n)
+        used = self.select_layer if self.select_layer >= 0 else n + 1 + self.select_layer
+        return nn.ModuleList(list(stack)[:used])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:

@@ -159,12 +159,23 @@ class TimmEncoder(VisionEncoder):
         return self._patch_grid if self.select_tokens == "patch" else None
 
     def blocks(self) -> nn.ModuleList:
-        """ViT blocks; for a CNN its stage container (`blocks`/`stages`/`layers`) or else its feature stages."""
+        """The blocks that feed the selected features, in order: ViT blocks up to the selected one; for a CNN the
+        entries of its stage container (`blocks`/`stages`/`layers`, else its `feature_info` stages) up to the one
+        holding the selected feature map. Later blocks never see a gradient, so `partial` must not count them."""
+        if self.is_sequence:
+            return nn.ModuleList(list(self.model.blocks)[: self._take + 1])
+        named = self._candidate_blocks()
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        feature = self.model.feature_info[self._take]["module"]
+        return nn.ModuleList([m for name, m in named if order[name] <= order[feature]])
+
+    def _candidate_blocks(self) -> list[tuple[str, nn.Module]]:
+        """A CNN's stacked blocks, named as in `named_modules()`."""
         for attr in ("blocks", "stages", "layers"):
             seq = getattr(self.model, attr, None)
             if isinstance(seq, (nn.Sequential, nn.ModuleList)):
-                return nn.ModuleList(list(seq))
-        return nn.ModuleList([self.model.get_submodule(info["module"]) for info in self.model.feature_info[1:]])
+                return [(f"{attr}.{i}", m) for i, m in enumerate(seq)]
+        return [(info["module"], self.model.get_submodule(info["module"])) for info in self.model.feature_info[1:]]
 
     def fingerprint(self) -> str:
         ident = {

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from eval.base import TASKS, Task
+from eval.base import SINGLE, TASKS, Shard, Task
 from vlm.errors import UserError
 from vlm.io import atomic_write_json, read_json
 
@@ -76,8 +76,12 @@ def summarize(tasks: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 
 
 def evaluate(model: Any, tasks_cfg: Sequence[str | dict[str, Any]], out_dir: str | Path, *, batch_size: int = 8,
-             limit: int | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Evaluate `model` on every task, resuming from predictions already in `out_dir/eval/<task>/`."""
+             limit: int | None = None, overwrite: bool = False, shard: Shard = SINGLE) -> dict[str, Any]:
+    """Evaluate `model` on every task, resuming from predictions already in `out_dir/eval/<task>/`.
+
+    With a `shard` of several processes, every process calls this: each predicts its slice of every task
+    (`Task.run`), rank 0 merges, scores and writes `results.json`. A task with its own `run` (the linear probe)
+    runs on rank 0 alone while the others wait."""
     out_dir = Path(out_dir)
     cfgs = [resolve_task(t) for t in tasks_cfg]
     if limit is not None:
@@ -91,8 +95,16 @@ def evaluate(model: Any, tasks_cfg: Sequence[str | dict[str, Any]], out_dir: str
     results = read_json(results_path) if results_path.exists() else {}
     results.setdefault("tasks", {})
     for task in tasks:
-        res = task.run(model, out_dir / "eval" / task.name, batch_size=batch_size, overwrite=overwrite)
+        task_dir = out_dir / "eval" / task.name
+        if type(task).run is Task.run:
+            res = task.run(model, task_dir, batch_size=batch_size, overwrite=overwrite, shard=shard)
+        else:
+            if shard.main:
+                task.run(model, task_dir, batch_size=batch_size, overwrite=overwrite)
+            shard.barrier()
+            res = read_json(task_dir / "results.json")
         results["tasks"][task.name] = {k: res[k] for k in ("type", "family", "headline", "score", "num_items", "metrics")}
         results.update(summarize(results["tasks"]))
-        atomic_write_json(results_path, results)
+        if shard.main:
+            atomic_write_json(results_path, results)
     return results

@@ -57,7 +57,8 @@ def test_token_counts(family, mode, expected):
     assert out.shape == (2, expected, 32)
     assert e.num_tokens == expected and e.hidden_size == 32
     assert e.patch_grid_size == ((4, 4) if mode == "patch" else None)
-    assert len(e.blocks()) == 3 and type(e.blocks()[0]).__name__.endswith("Layer")
+    # 3 layers, the penultimate hidden state selected: only the first 2 feed the output
+    assert len(e.blocks()) == 2 and type(e.blocks()[0]).__name__.endswith("Layer")
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip", "dinov2", "dinov2_reg"])
@@ -302,7 +303,7 @@ def hooked_output(model: torch.nn.Module, module: torch.nn.Module, x: torch.Tens
 def test_timm_vit_tokens(mode, regs, expected):
     e = build_encoder({"type": "timm", "model": "vit_tiny_patch16_224", "config": {**TIMM_VIT, "reg_tokens": regs},
                        "select_tokens": mode})
-    assert (e.has_cls, e.num_register_tokens, e.hidden_size, len(e.blocks())) == (True, regs, 32, 3)
+    assert (e.has_cls, e.num_register_tokens, e.hidden_size, len(e.blocks())) == (True, regs, 32, 2)  # 2 of 3 feed
     x = pixels(2, 32)
     with torch.no_grad():
         out = e(x)
@@ -342,7 +343,7 @@ def test_timm_cnn_feature_map_becomes_tokens(name, k, stage, grid, channels):
     assert out[0, 1].equal(fmap[0, :, 0, 1])  # row-major: token 1 is row 0, column 1
     assert e.transform.mean == (0.485, 0.456, 0.406)  # timm's pretrained_cfg normalisation
     if name == "resnet18" and k == 1:
-        assert [type(b).__name__ for b in e.blocks()] == ["Sequential"] * 4  # layer1..layer4
+        assert [type(b).__name__ for b in e.blocks()] == ["Sequential"]  # layer1 only feeds select_layer 1
         for bad in ({"select_tokens": "cls_patch"}, {"has_cls": True}, {"select_layer": 5}):
             with pytest.raises(UserError, match="CLS|has_cls|select_layer"):
                 build_encoder({**e.cfg, **bad})
@@ -397,7 +398,7 @@ def test_fused_channel_and_sequence():
     torch.testing.assert_close(out_c[:, 0, :32], pooled)
     torch.testing.assert_close(out_c[:, :, 32:], fb)
     torch.testing.assert_close(out_s[:, 4:], fb)
-    assert len(ch.blocks()) == 6
+    assert len(ch.blocks()) == 4 and [len(g) for g in ch.block_groups()] == [2, 2]  # penultimate of 3 layers each
 
 
 def test_fused_upsamples_to_a_larger_grid_and_validates():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlm.errors import UserError
-from vlm.recipe.freeze import apply_policy, count_trainable, find_blocks, merge_lora, module_of
+from vlm.recipe.freeze import apply_policy, count_trainable, merge_lora, module_of, partial_blocks
 from vlm.recipe.schema import RECIPES_ROOT, compose
 from vlm.train.run_dir import build_model
 
@@ -60,8 +60,9 @@ def test_partial_trains_the_last_k_used_blocks(vlm):
     assert all(p.requires_grad for p in llm_blocks[-1].parameters())
     assert not vlm.language_model.lm_head.weight.requires_grad
     # the tiny CLIP has 2 layers and selects the penultimate hidden state: only layer 0 feeds the output
-    enc_layers = vlm.encoder.blocks()
-    assert len(find_blocks(vlm.encoder)) == 1
+    enc_layers = next(m for m in vlm.encoder.model.modules() if isinstance(m, torch.nn.ModuleList))
+    assert len(enc_layers) == 2 and list(vlm.encoder.blocks()) == [enc_layers[0]]
+    assert partial_blocks(vlm.encoder, 1, "t") == [enc_layers[0]]
     assert all(p.requires_grad for p in enc_layers[0].parameters())
     assert not any(p.requires_grad for p in enc_layers[1].parameters())
     with pytest.raises(UserError, match="partial k=2 but the module has only 1 blocks"):

@@ -1,12 +1,21 @@
-"""`vlm eval RUN_DIR [--tasks a,b]` or `vlm eval --model SPEC --tasks a,b --out DIR` (see `eval.runner`)."""
+"""`vlm eval RUN_DIR [--tasks a,b]` or `vlm eval --model SPEC --tasks a,b --out DIR` (see `eval.runner`).
+
+Under `accelerate launch` or torchrun every process loads the model onto its own device and predicts its own slice
+of each task's items (`eval.base.Shard`); rank 0 merges the predictions and writes the results. A relaunch with any
+number of processes resumes from what is there.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from accelerate import PartialState
 
+from eval.base import Shard
 from eval.runner import evaluate
 from vlm.errors import UserError
 from vlm.loading import load_vlm
@@ -17,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a model spec for load_vlm (hf-llava:<dir>, a recipe, zoo:<name>)")
     parser.add_argument("--tasks", help="comma-separated task recipe names (recipes/eval/*.yaml) or YAML files")
     parser.add_argument("--out", help="output dir (default: the run dir)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="items per forward / generate call, per process")
     parser.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier predictions of these tasks")
 
@@ -41,8 +50,22 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or args.run_dir
     if not out:
         raise UserError("--model needs --out DIR for the results.")
+    # the process group under accelerate launch / torchrun (gloo on CPU: `cpu=True` is what makes accelerate read
+    # torchrun's env there); else one process
+    state = PartialState(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise UserError(f"launched as {launched} processes but accelerate formed a group of {state.num_processes}; "
+                        "each would evaluate every item. Launch with `accelerate launch` or torchrun.")
+    shard = Shard(state.process_index, state.num_processes, state.wait_for_everyone)
     model = load_vlm(args.run_dir or args.model)
-    results = evaluate(model, tasks, out, batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite)
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
+    if isinstance(module, torch.nn.Module):
+        module.to(state.device)
+    results = evaluate(model, tasks, out, batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
+                       shard=shard)
+    if not shard.main:
+        return 0
     for name, t in results["tasks"].items():
         print(f"{name:24s} {t['headline']:>22s} = {t['score']:.4f}")
     for key in ("fine_grained", "general", "gap"):

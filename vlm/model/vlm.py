@@ -26,16 +26,19 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ScoreResult:
-    """Log-likelihood of one continuation given its item's image(s) and prompt."""
+    """Log-likelihood of one continuation given its item's image(s) and prompt. `is_greedy`: every continuation
+    token is the argmax of its predicting logits (lm-eval's `is_greedy`); None where a model does not compute it."""
 
     sum_logprob: float
     mean_logprob: float
     num_tokens: int
+    is_greedy: bool | None = None
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {"sum_logprob": self.sum_logprob, "mean_logprob": self.mean_logprob, "num_tokens": self.num_tokens}
+    def as_dict(self) -> dict[str, float | int | bool | None]:
+        return {"sum_logprob": self.sum_logprob, "mean_logprob": self.mean_logprob, "num_tokens": self.num_tokens,
+                "is_greedy": self.is_greedy}
 
-    def __getitem__(self, key: str) -> float | int:
+    def __getitem__(self, key: str) -> float | int | bool | None:
         return self.as_dict()[key]
 
 
@@ -247,10 +250,19 @@ class VLM(nn.Module):
         prompts: Sequence[str],
         chat_template: bool = True,
         max_new_tokens: int = 32,
-        batch_size: int = 8,
+        batch_size: int | None = None,
+        stop_strings: Sequence[str] = (),
+        strip: bool = True,
         **generate_kwargs: Any,
     ) -> list[str]:
-        """Greedy (by default) answers, one per prompt; `images[i]` is an image, a list of them, or None."""
+        """Greedy (by default) answers, one per prompt; `images[i]` is an image, a list of them, or None.
+
+        The prompts run as one batch (or chunks of `batch_size`): left-padded, with an attention mask and each
+        item's image features spliced in, decoded on the KV cache by HF `generate`; greedy answers equal those of
+        one prompt at a time. `stop_strings`: decoding of an answer stops once it holds one of them (a stopping
+        criterion, checked every step), and the answer is cut before the first. `strip=False` keeps the text as
+        decoded (a leading space included, as lm-eval's `hf` model returns it).
+        """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts")
         generate_kwargs.setdefault("do_sample", False)
@@ -258,10 +270,14 @@ class VLM(nn.Module):
         eos |= set(_as_list(self.language_model.generation_config.eos_token_id))
         eos.discard(None)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos)
+        stops = [s for s in stop_strings if s]
+        if stops:
+            generate_kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        step = batch_size or max(len(prompts), 1)
         answers: list[str] = []
-        for start in range(0, len(prompts), batch_size):
-            chunk_images = [_as_image_list(x) for x in images[start:start + batch_size]]
-            seqs = [self._prompt_ids(p, len(im), chat_template) for p, im in zip(prompts[start:start + batch_size], chunk_images)]
+        for start in range(0, len(prompts), step):
+            chunk_images = [_as_image_list(x) for x in images[start:start + step]]
+            seqs = [self._prompt_ids(p, len(im), chat_template) for p, im in zip(prompts[start:start + step], chunk_images)]
             ids, mask = self._left_pad(seqs)
             flat_images = [im for group in chunk_images for im in group]
             embeds = self.embed(ids, self._image_embeds_for(flat_images))
@@ -274,7 +290,8 @@ class VLM(nn.Module):
                 **generate_kwargs,
             )
             answers.extend(self.tokenizer.batch_decode(out, skip_special_tokens=True))
-        return [a.strip() for a in answers]
+        answers = [_cut_at(a, stops) for a in answers]
+        return [a.strip() for a in answers] if strip else answers
 
     # ------------------------------------------------------------------ score
     @torch.no_grad()
@@ -284,7 +301,7 @@ class VLM(nn.Module):
         prompts: Sequence[str],
         continuations: Sequence[Sequence[str] | str],
         chat_template: bool = True,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         token_budget: int = 1024,
     ) -> list[list[ScoreResult]]:
         """Log-likelihood of each continuation given its item's image(s) and prompt.
@@ -293,15 +310,17 @@ class VLM(nn.Module):
         into rows that follow the prefix's KV cache, with a block attention mask (each continuation sees
         the prefix and its own earlier tokens) and positions restarting at the prefix length, so every
         continuation is scored exactly as if it had been run alone, without copying the cache per
-        continuation. `token_budget` bounds the continuation tokens per forward pass.
+        continuation. `batch_size` bounds the items whose prefixes run together (default: all given; eval tasks
+        batch by `--batch-size`); `token_budget` bounds the continuation tokens per forward pass.
         Returns, per item, one `ScoreResult` per continuation (a str continuation counts as a list of one).
         """
         if not (len(images) == len(prompts) == len(continuations)):
             raise ValueError(f"images ({len(images)}), prompts ({len(prompts)}) and continuations ({len(continuations)}) differ in length")
         conts = [[c] if isinstance(c, str) else list(c) for c in continuations]
         results: list[list[ScoreResult]] = []
-        for start in range(0, len(prompts), batch_size):
-            stop = start + batch_size
+        step = batch_size or max(len(prompts), 1)
+        for start in range(0, len(prompts), step):
+            stop = start + step
             chunk_images = [_as_image_list(x) for x in images[start:stop]]
             seqs = [self._prompt_ids(p, len(im), chat_template) for p, im in zip(prompts[start:stop], chunk_images)]
             results.extend(self._score_chunk(seqs, chunk_images, conts[start:stop], token_budget))
@@ -322,18 +341,18 @@ class VLM(nn.Module):
             for t, tk in zip(texts, toks):
                 if not tk:
                     raise UserError(f"continuation {t!r} tokenises to nothing; scores need at least one token")
-            sums = [0.0] * len(toks)
+            scored: dict[int, tuple[float, bool]] = {}
             for group in _pack_rows(toks, token_budget):
-                row_sums = self._score_packed(group, toks, [(k[i:i + 1], v[i:i + 1]) for k, v, *_ in prefix_cache], mask[i], int(prefix_len[i]),
-                                              first_logprobs[i])
-                for j, total in row_sums.items():
-                    sums[j] = total
-            results.append([ScoreResult(s, s / len(tk), len(tk)) for s, tk in zip(sums, toks)])
+                scored.update(self._score_packed(group, toks, [(k[i:i + 1], v[i:i + 1]) for k, v, *_ in prefix_cache],
+                                                 mask[i], int(prefix_len[i]), first_logprobs[i]))
+            results.append([ScoreResult(scored[j][0], scored[j][0] / len(tk), len(tk), scored[j][1])
+                            for j, tk in enumerate(toks)])
         return results
 
     def _score_packed(self, rows: list[list[int]], toks: list[list[int]], prefix_kv: list[tuple], prefix_mask: torch.Tensor,
-                      prefix_len: int, first_logprobs: torch.Tensor) -> dict[int, float]:
-        """Score the continuations `toks[j]` packed in `rows` (lists of j) against one item's prefix cache."""
+                      prefix_len: int, first_logprobs: torch.Tensor) -> dict[int, tuple[float, bool]]:
+        """Score the continuations `toks[j]` packed in `rows` (lists of j) against one item's prefix cache:
+        j -> (summed log-prob, whether every token is its position's argmax)."""
         dev = prefix_mask.device
         n_rows, width = len(rows), max(sum(len(toks[j]) for j in row) for row in rows)
         row_ids = torch.zeros((n_rows, width), dtype=torch.long, device=dev)
@@ -363,7 +382,11 @@ class VLM(nn.Module):
         prev = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, row_ids[:, 1:, None]).squeeze(-1)
         token_lp = torch.where(offset[:, 1:] > 0, prev, first_logprobs[row_ids[:, 1:]])
         token_lp = torch.cat([first_logprobs[row_ids[:, :1]], token_lp], dim=1)
-        return {j: float(token_lp[r, start:start + n].sum()) for j, r, start, n in spans}
+        first_greedy = first_logprobs.argmax()
+        greedy = torch.where(offset[:, 1:] > 0, logits[:, :-1].argmax(-1) == row_ids[:, 1:], row_ids[:, 1:] == first_greedy)
+        greedy = torch.cat([row_ids[:, :1] == first_greedy, greedy], dim=1)
+        return {j: (float(token_lp[r, start:start + n].sum()), bool(greedy[r, start:start + n].all()))
+                for j, r, start, n in spans}
 
 
 def _pack_rows(toks: list[list[int]], token_budget: int) -> list[list[list[int]]]:
@@ -383,6 +406,11 @@ def _pack_rows(toks: list[list[int]], token_budget: int) -> list[list[list[int]]
             lengths.append(n)
     per_group = max(1, token_budget // max(max(lengths), 1)) if rows else 1
     return [rows[g:g + per_group] for g in range(0, len(rows), per_group)]
+
+
+def _cut_at(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any of `stops` (lm-eval's post-processing of a generation)."""
+    return text[:min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))]
 
 
 def _as_list(x: Any) -> list[Any]:

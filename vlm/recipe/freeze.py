@@ -1,9 +1,10 @@
 """Freeze policies as data: per stage and module (`vision`, `connector`, `llm`).
 
-Modes: `frozen` | `full` | `lora` (peft adapters injected in place) | `partial` (train the last k blocks).
-`apply_policy` sets `requires_grad`, puts fully frozen modules in eval mode and returns optimizer param
-groups with each module's lr and weight decay (no decay on biases and norms). `merge_lora` folds adapters
-back into the base weights so the next stage (or an export) sees a plain model.
+Modes: `frozen` | `full` | `lora` (peft adapters injected in place) | `partial` (train the last k blocks that
+feed the output). `apply_policy` sets `requires_grad`, the train/eval modes (`set_train_modes`: frozen parts in
+eval mode) and returns optimizer param groups with each module's lr and weight decay (no decay on biases and
+norms). `trained_buffer_names` lists the buffers (BatchNorm statistics) saved with the trained parameters.
+`merge_lora` folds adapters back into the base weights so the next stage (or an export) sees a plain model.
 """
 from __future__ import annotations
 
@@ -20,28 +21,19 @@ def module_of(vlm: Any, name: str) -> nn.Module:
     return {"vision": lambda: vlm.encoder, "connector": lambda: vlm.connector, "llm": lambda: vlm.llm.model}[name]()
 
 
-def find_blocks(module: nn.Module) -> nn.ModuleList | list | None:
-    """The stacked blocks of a module that feed its output: `module.blocks()` if it has one (cut at the
-    encoder's `select_layer`, HF hidden-states indexing: blocks after the selected layer never see a
-    gradient), else its largest nn.ModuleList."""
-    if callable(getattr(module, "blocks", None)):
-        try:
-            blocks = module.blocks()
-        except NotImplementedError:
-            blocks = None
-        if blocks is not None and len(blocks) > 0:
-            sl = getattr(module, "select_layer", None)
-            if isinstance(sl, int):
-                used = len(blocks) + 1 + sl if sl < 0 else sl
-                return list(blocks)[:used] or None
-            return blocks
+def block_groups(module: nn.Module) -> list[list[nn.Module]] | None:
+    """The stacked blocks that feed a module's output, per member backbone: a vision encoder's `block_groups()`
+    (its `blocks()`, cut by the encoder at its `select_layer`; one group per sub-encoder of a fused encoder, since
+    `partial` k counts per member), else the module's largest nn.ModuleList; `None` when it has none."""
+    if callable(getattr(module, "block_groups", None)):
+        return [list(g) for g in module.block_groups()]
     best, best_n = None, 0
     for _, m in module.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) > 1:
             n = sum(p.numel() for p in m.parameters())
             if n > best_n:
                 best, best_n = m, n
-    return best
+    return [list(best)] if best is not None else None
 
 
 def check_policy_static(freeze: Mapping[str, Any], where: str) -> None:
@@ -103,14 +95,19 @@ def merge_lora(module: nn.Module, merge: bool = True) -> None:
         del module.peft_config
 
 
-def _partial_blocks(mod: nn.Module, k: int, where: str) -> list[nn.Module]:
-    blocks = find_blocks(mod)
-    if blocks is None:
-        raise UserError(f"{where}: partial freezing needs a module with stacked blocks, and this "
-                        f"{type(mod).__name__} has none; use full or frozen.")
-    if k > len(blocks):
-        raise UserError(f"{where}: partial k={k} but the module has only {len(blocks)} blocks.")
-    return list(blocks)[-k:]
+def partial_blocks(mod: nn.Module, k: int, where: str) -> list[nn.Module]:
+    """The blocks `partial` with k trains: the last k that feed the module's output, per member of a fused encoder."""
+    groups = block_groups(mod)
+    if not groups or not all(groups):
+        raise UserError(f"{where}: partial freezing needs a module with stacked blocks that feed its output, and this "
+                        f"{type(mod).__name__} has none (a vision encoder selecting its embeddings, select_layer 0, "
+                        "has none either); use full or frozen.")
+    for i, g in enumerate(groups):
+        if k > len(g):
+            whose = f"the fused encoder's encoders[{i}]" if len(groups) > 1 else "the module"
+            raise UserError(f"{where}: partial k={k} but {whose} has only {len(g)} blocks that feed its output "
+                            f"(blocks after the selected layer get no gradient); use k <= {min(map(len, groups))}.")
+    return [b for g in groups for b in g[-k:]]
 
 
 def check_policy_model(vlm: Any, freeze: Mapping[str, Any], where: str) -> None:
@@ -118,7 +115,7 @@ def check_policy_model(vlm: Any, freeze: Mapping[str, Any], where: str) -> None:
     for name in MODULES:
         p, mod = freeze[name], module_of(vlm, name)
         if p["mode"] == "partial":
-            _partial_blocks(mod, p["k"], f"{where}.{name}")
+            partial_blocks(mod, p["k"], f"{where}.{name}")
         if p["mode"] == "lora" and p["target_modules"]:
             present = {n.rsplit(".", 1)[-1] for n, _ in mod.named_modules()}
             missing = [t for t in p["target_modules"] if t not in present]
@@ -141,7 +138,7 @@ def apply_policy(vlm: Any, freeze: Mapping[str, Any], optim: Mapping[str, Any], 
         if mode == "full":
             trainable: Iterator = mod.named_parameters()
         elif mode == "partial":
-            blocks = _partial_blocks(mod, p["k"], f"{where}.{name}")
+            blocks = partial_blocks(mod, p["k"], f"{where}.{name}")
             trainable = (kv for b in blocks for kv in b.named_parameters())
         elif mode == "lora":
             if not has_lora(mod):
@@ -153,7 +150,6 @@ def apply_policy(vlm: Any, freeze: Mapping[str, Any], optim: Mapping[str, Any], 
         for n, prm in trainable:
             prm.requires_grad_(True)
             (no_decay if prm.ndim < 2 else decay).append(prm)
-        mod.train(mode != "frozen")
         lr = optim["lr"] if p["lr"] is None else p["lr"]
         wd = optim["weight_decay"] if p["weight_decay"] is None else p["weight_decay"]
         for suffix, params, w in (("", decay, wd), (".no_decay", no_decay, 0.0)):
@@ -161,7 +157,48 @@ def apply_policy(vlm: Any, freeze: Mapping[str, Any], optim: Mapping[str, Any], 
                 groups.append({"name": name + suffix, "params": params, "lr": lr, "weight_decay": w})
     if not groups:
         raise UserError(f"{where}: the policy leaves no trainable parameter; check the modes.")
+    set_train_modes(vlm, freeze)
     return groups
+
+
+def _has_running_stats(m: nn.Module) -> bool:
+    return bool(getattr(m, "track_running_stats", False)) and getattr(m, "running_mean", None) is not None
+
+
+def set_train_modes(vlm: Any, freeze: Mapping[str, Any]) -> None:
+    """Train/eval mode per the policy; call it after every `model.train()` (which puts everything in train mode).
+
+    `full`: train mode. `frozen`: eval mode (no dropout on fixed features; BatchNorm statistics stay put).
+    `partial`: eval mode except the trained blocks. `lora`: train mode (the adapters' dropout), but normalisation
+    layers with running statistics (BatchNorm) in eval mode, since the base weights they belong to are frozen.
+    """
+    for name in MODULES:
+        p, mod = freeze[name], module_of(vlm, name)
+        mod.train(p["mode"] in ("full", "lora"))
+        if p["mode"] == "partial":
+            for block in partial_blocks(mod, p["k"], name):
+                block.train()
+        elif p["mode"] == "lora":
+            for m in mod.modules():
+                if _has_running_stats(m):
+                    m.eval()
+
+
+def trained_buffer_names(vlm: Any, freeze: Mapping[str, Any]) -> list[str]:
+    """Names (as in `vlm.state_dict()`) of the persistent buffers training changes, which stage artifacts and
+    checkpoints must carry with the trained parameters: those inside a `full` module or the trained blocks of a
+    `partial` one (BatchNorm running_mean / running_var / num_batches_tracked). Frozen and LoRA modules keep theirs:
+    `set_train_modes` holds their running statistics in eval mode."""
+    scopes: list[nn.Module] = []
+    for name in MODULES:
+        p, mod = freeze[name], module_of(vlm, name)
+        if p["mode"] == "full":
+            scopes.append(mod)
+        elif p["mode"] == "partial":
+            scopes.extend(partial_blocks(mod, p["k"], name))
+    inside = {id(b) for scope in scopes for b in scope.buffers()}
+    persistent = vlm.state_dict(keep_vars=True)
+    return [n for n, b in vlm.named_buffers() if id(b) in inside and n in persistent]
 
 
 def count_trainable(module: nn.Module) -> int:

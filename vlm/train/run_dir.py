@@ -19,6 +19,7 @@ from vlm.io import read_json
 from vlm.model.vlm import build_vlm
 from vlm.recipe.freeze import MODULES, apply_policy, has_lora, merge_lora, module_of
 from vlm.recipe.schema import enabled_stages, plain, validate
+from vlm.train.checkpoint import load_trained_state
 
 
 def set_seed(seed: int) -> None:
@@ -40,17 +41,10 @@ def artifact_complete(path: Path) -> bool:
 
 
 def apply_artifact(vlm: Any, stage_cfg: dict, art: Path) -> None:
-    """Bring a model at the stage's start to the stage's end: inject LoRA if any, load weights, merge LoRA."""
+    """Bring a model at the stage's start to the stage's end: inject LoRA if any, load weights (and the trained
+    modules' buffers, e.g. BatchNorm statistics), merge LoRA."""
     apply_policy(vlm, stage_cfg["freeze"], stage_cfg["optim"])
-    weights = load_file(str(art / "weights.safetensors"))
-    params = dict(vlm.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise UserError(f"artifact {art} does not fit this model (unknown parameters {missing[:3]}...); "
-                        "it was made by a different model config.")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
+    load_trained_state(vlm, load_file(str(art / "weights.safetensors")), f"artifact {art}")
     for m in MODULES:
         if has_lora(module_of(vlm, m)):
             merge_lora(module_of(vlm, m))
