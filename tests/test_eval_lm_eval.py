@@ -1,8 +1,12 @@
-"""The lm-eval adapter: request mapping, shared prefixes, images, stop sequences, and a full
-`lm_eval.simple_evaluate` run of a local multiple-choice task through the registered `vlm_ablate`."""
+"""The lm-eval adapter: request mapping, shared prefixes, images, stop sequences, agreement with lm-eval's own
+`hf` model on a tiny random-weight Llama (log-likelihoods, is_greedy, batched generate_until with stop strings
+and the leading space), and a full `lm_eval.simple_evaluate` run of a local multiple-choice task through the
+registered `vlm_ablate`."""
+import itertools
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 
@@ -14,10 +18,13 @@ from lm_eval.api.instance import Instance
 
 
 class KnowsFacts(FakeVLM):
-    """Text-only knowledge for image-less requests."""
+    """Text-only knowledge for image-less requests; its scores carry no `is_greedy` (as an `hf:` model's)."""
 
     def see(self, image):
         return "paris is the capital of france" if image is None else super().see(image)
+
+    def generate(self, images, prompts, chat_template=True, max_new_tokens=32, **_):
+        return super().generate(images, prompts, chat_template, max_new_tokens)
 
 
 def req(kind, *args):
@@ -40,7 +47,8 @@ def test_loglikelihood_groups_shared_context_and_adds_images():
     assert fake.calls["continuations"] == 4
 
 
-def test_is_greedy_generate_until_and_rolling():
+def test_is_greedy_fallback_generate_until_and_rolling():
+    """A model whose scores lack `is_greedy` gets it by greedy regeneration; stop strings cut the text."""
     fake = KnowsFacts(B.VISION, answers={"Say it": "paris\n\nQ: next", "Again": "france"})
     lm = VLMAblateLM(model=fake)
     (lp, greedy), (_, not_greedy) = lm.loglikelihood([req("loglikelihood", "Again", " france"),
@@ -50,6 +58,80 @@ def test_is_greedy_generate_until_and_rolling():
                              req("generate_until", "Again", {"until": "Q:"})])
     assert out == ["paris", "france"]
     assert lm.loglikelihood_rolling([req("loglikelihood_rolling", "paris is big")]) == pytest.approx([-2.2])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from vlm.testing import tiny_vlm
+
+    return tiny_vlm("clip", "llama", "chatml", seed=1)
+
+
+@pytest.fixture(scope="module")
+def hf_lm(tiny):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=tiny.language_model, tokenizer=tiny.tokenizer, batch_size=3, max_length=512)
+
+
+def _greedy_continuations(model, n: int) -> list[tuple[str, str]]:
+    """Contexts whose 2-token greedy continuation is printable ASCII (so it survives decode + re-encode)."""
+    out = []
+    for a, b, c in itertools.product(["the", "a", "of"], ["red", "blue", "one", "two"], ["question", "time", "bird"]):
+        ctx = f"{a} {b} {c}"
+        gen = model.generate([None], [ctx], chat_template=False, max_new_tokens=2, strip=False)[0]
+        if gen.isascii() and gen.isprintable() and gen.strip():
+            out.append((ctx, gen))
+        if len(out) == n:
+            return out
+    raise AssertionError("no printable greedy continuations found")
+
+
+def test_loglikelihood_and_is_greedy_match_lm_eval_hf(tiny, hf_lm):
+    lm = VLMAblateLM(model=tiny, batch_size=3)
+    reqs = []
+    for ctx, gen in _greedy_continuations(tiny, 3):
+        reqs += [req("loglikelihood", ctx, gen), req("loglikelihood", ctx, " paris"),
+                 req("loglikelihood", ctx + " ", "18 apples")]  # trailing space of a context moves to the continuation
+    calls = []
+    tiny.generate, orig = (lambda *a, **k: calls.append(1) or orig(*a, **k)), tiny.generate
+    try:
+        ours = lm.loglikelihood(reqs)
+    finally:
+        del tiny.generate
+    ref = hf_lm.loglikelihood(reqs)
+    assert [g for _, g in ours] == [g for _, g in ref]
+    assert sum(g for _, g in ref) >= 3  # the greedy continuations are greedy for lm-eval too
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in ref], abs=1e-5)
+    assert not calls, "is_greedy must come from the scoring forward, not from generating"
+
+
+def test_generate_until_matches_lm_eval_hf_batched(tiny, hf_lm):
+    ctxs = ["The capital of France is", "Question: 2 + 2 = ? Answer:", "Once upon a time", "the blue bird", "a two"]
+    free = tiny.generate([None] * len(ctxs), ctxs, chat_template=False, max_new_tokens=8, strip=False)
+    stop = free[1][3:5]  # a string the second generation reaches after a few tokens
+    reqs = [req("generate_until", c, {"until": ["\n\n", stop], "max_gen_toks": 8}) for c in ctxs]
+    reqs += [req("generate_until", ctxs[0], {"until": "Q:", "max_gen_toks": 5, "do_sample": False}),
+             req("generate_until", ctxs[2], {"max_gen_toks": 3})]
+    ours = VLMAblateLM(model=tiny, batch_size=3).generate_until(reqs)
+    assert ours == hf_lm.generate_until(reqs)
+    assert ours[1] == free[1][:3]
+    assert any(o.startswith(" ") for o in ours)  # the leading space is kept (" 18", not "18")
+
+
+def test_until_stops_decoding_early(tiny):
+    lm = VLMAblateLM(model=tiny)
+    ctx = "The capital of France is"
+    free = tiny.generate([None], [ctx], chat_template=False, max_new_tokens=20, strip=False)[0]
+    steps = []
+    hook = tiny.language_model.register_forward_hook(lambda *_: steps.append(1))
+    try:
+        lm.generate_until([req("generate_until", ctx, {"until": [free[1:3]], "max_gen_toks": 20})])
+        with_stop, steps[:] = len(steps), []
+        lm.generate_until([req("generate_until", ctx, {"until": [], "max_gen_toks": 20})])
+    finally:
+        hook.remove()
+    assert len(steps) == 20 and with_stop <= 4
 
 
 def test_simple_evaluate_with_registered_model(tmp_path, monkeypatch):
