@@ -27,7 +27,7 @@ def check_patch_grid(name: str, patch_grid_size: tuple[int, int] | None, num_tok
 
 
 def build_projector(cfg: Mapping[str, Any] | None, *, in_dim: int, llm_dim: int, num_tokens: int,
-                    patch_grid_size: tuple[int, int] | None) -> nn.Module:
+                    patch_grid_size: tuple[int, int] | None, where: str) -> nn.Module:
     """The projector a reducer feeds (key `projector`, default `{type: mlp, depth: 2}`)."""
     return build_connector(dict(cfg or {"type": "mlp", "depth": 2}), vision_dim=in_dim, llm_dim=llm_dim,
-                           num_tokens=num_tokens, patch_grid_size=patch_grid_size)
+                           num_tokens=num_tokens, patch_grid_size=patch_grid_size, where=where)

@@ -5,7 +5,6 @@ Linear(4·Dv, Dllm) → GELU → Linear(Dllm, Dllm), where Dv is the fused (summ
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +28,6 @@ class FusedGeluMLP(nn.Module):
 
 
 @register_connector("fused_gelu_mlp")
-def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
+def build(*, vision_dim: int, llm_dim: int, num_tokens: int,
           patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     return FusedGeluMLP(vision_dim, llm_dim, num_tokens)

@@ -1,8 +1,6 @@
 """`linear`: one affine map Dv → Dllm per token (LLaVA-1.0's projector)."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -20,6 +18,6 @@ class LinearConnector(nn.Module):
 
 
 @register_connector("linear")
-def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
+def build(*, vision_dim: int, llm_dim: int, num_tokens: int,
           patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
     return LinearConnector(vision_dim, llm_dim, num_tokens)

@@ -5,12 +5,13 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import torch
 from torch import nn
 
 from connectors import register_connector
+from vlm.config import Positive
 from vlm.errors import UserError
 
 
@@ -30,14 +31,14 @@ class MLPConnector(nn.Module):
 
 
 @register_connector("mlp")
-def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-          patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
-    return MLPConnector(vision_dim, llm_dim, num_tokens, depth=cfg.get("depth", 2))
+def build(*, vision_dim: int, llm_dim: int, num_tokens: int, patch_grid_size: tuple[int, int] | None = None,
+          depth: Positive = 2) -> nn.Module:
+    """`depth` linear layers with GELU between them."""
+    return MLPConnector(vision_dim, llm_dim, num_tokens, depth=depth)
 
 
 @register_connector("mlp2x_gelu")
-def build_mlp2x_gelu(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-                     patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
-    if cfg.get("depth", 2) != 2:
-        raise UserError(f"connector mlp2x_gelu has depth 2 by definition, got depth={cfg['depth']!r}; use type: mlp.")
+def build_mlp2x_gelu(*, vision_dim: int, llm_dim: int, num_tokens: int,
+                     patch_grid_size: tuple[int, int] | None = None, depth: Literal[2] = 2) -> nn.Module:
+    """LLaVA-1.5's projector: depth 2 by definition (`type: mlp` for other depths)."""
     return MLPConnector(vision_dim, llm_dim, num_tokens, depth=2)

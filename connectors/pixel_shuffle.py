@@ -5,12 +5,13 @@ neighbours' features concatenated in row-major order: [B, r·c, D] → [B, (r/f)
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from connectors import register_connector
+from vlm.config import Positive
 from connectors._patch_grid import build_projector, check_patch_grid
 
 
@@ -32,11 +33,12 @@ class PixelShuffleConnector(nn.Module):
 
 
 @register_connector("pixel_shuffle")
-def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-          patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
-    factor = cfg.get("factor", 2)
+def build(*, vision_dim: int, llm_dim: int, num_tokens: int, patch_grid_size: tuple[int, int] | None = None,
+          where: str, factor: Positive = 2, projector: Optional[dict[str, Any]] = None) -> nn.Module:
+    """Pool each `factor`×`factor` block of the patch grid, then `projector` (default `{type: mlp, depth: 2}`)."""
     rows, cols = check_patch_grid("pixel_shuffle", patch_grid_size, num_tokens, factor)
     out_grid = (rows // factor, cols // factor)
-    projector = build_projector(cfg.get("projector"), in_dim=vision_dim * factor * factor, llm_dim=llm_dim,
-                                num_tokens=out_grid[0] * out_grid[1], patch_grid_size=out_grid)
-    return PixelShuffleConnector((rows, cols), factor, projector)
+    proj = build_projector(projector, in_dim=vision_dim * factor * factor, llm_dim=llm_dim,
+                                num_tokens=out_grid[0] * out_grid[1], patch_grid_size=out_grid,
+                                where=f"{where}.projector")
+    return PixelShuffleConnector((rows, cols), factor, proj)

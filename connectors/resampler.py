@@ -5,12 +5,13 @@ Keys: `num_queries` (64), `depth` (2), `heads` (8), `dim` (width inside, default
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Optional
 
 import torch
 from torch import nn
 
 from connectors import register_connector
+from vlm.config import Positive
 from vlm.errors import UserError
 
 
@@ -47,13 +48,11 @@ class Resampler(nn.Module):
 
 
 @register_connector("resampler")
-def build(cfg: dict[str, Any], *, vision_dim: int, llm_dim: int, num_tokens: int,
-          patch_grid_size: tuple[int, int] | None = None) -> nn.Module:
-    num_queries, depth, heads = cfg.get("num_queries", 64), cfg.get("depth", 2), cfg.get("heads", 8)
-    dim = cfg.get("dim", llm_dim)
-    for key, value in (("num_queries", num_queries), ("depth", depth), ("heads", heads), ("dim", dim)):
-        if not isinstance(value, int) or value < 1:
-            raise UserError(f"connector resampler: {key} must be an integer >= 1, got {value!r}.")
+def build(*, vision_dim: int, llm_dim: int, num_tokens: int, patch_grid_size: tuple[int, int] | None = None,
+          num_queries: Positive = 64, depth: Positive = 2, heads: Positive = 8, dim: Optional[Positive] = None) -> nn.Module:
+    """`num_queries` learned queries cross-attend to the tokens through `depth` blocks of width `dim` (default:
+    the LLM's width)."""
+    dim = llm_dim if dim is None else dim
     if dim % heads:
         raise UserError(f"connector resampler: width dim={dim} is not divisible by heads={heads}; "
                         f"set `heads` to a divisor of {dim} or set `dim`.")

@@ -14,8 +14,9 @@ ENCODERS: Registry[VisionEncoder] = Registry("encoder", plugins="encoders")
 register_encoder = ENCODERS.register
 
 
-def build_encoder(cfg: Mapping[str, Any]) -> VisionEncoder:
-    return ENCODERS.build(cfg)
+def build_encoder(cfg: Mapping[str, Any], where: str | None = None) -> VisionEncoder:
+    """`where`: the config's recipe path (e.g. `model.encoder`), named in error messages."""
+    return ENCODERS.build(cfg, where)
 
 
 __all__ = ["ENCODERS", "PixelInputs", "VisionEncoder", "build_encoder", "register_encoder"]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from encoders.base import SELECT_TOKENS
+from vlm.config import DTYPES
 from vlm.errors import UserError
 from vlm.world.zoo.catalogue import maybe_resolve
 
@@ -21,9 +22,6 @@ COMMON_KEYS = frozenset({
     "type", "path", "config", "image_size", "resize", "interpolation", "mean", "std",
     "select_layer", "select_tokens", "has_cls", "num_register_tokens", "dtype",
 })
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def check_keys(cfg: Mapping[str, Any], allowed: Iterable[str], family: str) -> None:

@@ -13,13 +13,14 @@ than at general VQA, the usual case).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
 from eval.base import SINGLE, TASKS, Shard, Task
 from vlm.errors import UserError
 from vlm.io import atomic_write_json, read_json
+from vlm.recipe.schema import plain
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "eval"
 
@@ -60,9 +61,34 @@ def resolve_task(spec: str | dict[str, Any], _seen: tuple[str, ...] = ()) -> dic
     return spec
 
 
-def build_task(cfg: dict[str, Any]) -> Task:
-    """A task from its config; every module of the `eval` package registers its tasks (a new task is one new file)."""
-    return TASKS.build(cfg)
+def build_task(cfg: dict[str, Any], where: str | None = None) -> Task:
+    """A task from its config, checked against its task's schema; every module of the `eval` package registers its
+    tasks (a new task is one new file). `where`: the config's path, named in error messages."""
+    return TASKS.build(cfg, where)
+
+
+def check_tasks(specs: Sequence[str | dict[str, Any]], where: str = "eval.tasks",
+                limit: int | None = None) -> list[Task]:
+    """Resolve and build every task spec (no data is read): an unknown task, a misspelt or ill-typed key, or a
+    repeated name is a `UserError` naming the spec's path (`eval.tasks[1].protocls`)."""
+    tasks = []
+    for i, spec in enumerate(specs):
+        try:
+            cfg = resolve_task(spec)
+        except UserError as e:
+            raise UserError(f"{where}[{i}]: {e}") from None
+        tasks.append(build_task(cfg if limit is None else {**cfg, "limit": limit}, f"{where}[{i}]"))
+    names = [t.name for t in tasks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"{where}: eval task names must be unique; repeated: {dup}. Give each a distinct `name`.")
+    return tasks
+
+
+def check_recipe_tasks(cfg: Mapping[str, Any]) -> None:
+    """A recipe's `eval.tasks` and `eval.quick_tasks`, checked before training (`check_tasks`)."""
+    for key in ("tasks", "quick_tasks"):
+        check_tasks(plain(cfg["eval"][key]), f"eval.{key}")
 
 
 def summarize(tasks: dict[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -83,14 +109,7 @@ def evaluate(model: Any, tasks_cfg: Sequence[str | dict[str, Any]], out_dir: str
     (`Task.run`), rank 0 merges, scores and writes `results.json`. A task with its own `run` (the linear probe)
     runs on rank 0 alone while the others wait."""
     out_dir = Path(out_dir)
-    cfgs = [resolve_task(t) for t in tasks_cfg]
-    if limit is not None:
-        cfgs = [{**c, "limit": limit} for c in cfgs]
-    names = [c["name"] for c in cfgs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise UserError(f"eval task names must be unique; repeated: {dup}. Give each a distinct `name`.")
-    tasks = [build_task(c) for c in cfgs]
+    tasks = check_tasks(tasks_cfg, limit=limit)
     results_path = out_dir / "results.json"
     results = read_json(results_path) if results_path.exists() else {}
     results.setdefault("tasks", {})

@@ -138,7 +138,7 @@ def test_product_zip_exclude_and_point_overrides(tmp_path):
     ("axes: {a: {key: x, values: [1]}}\nexclude: [{a: 1}]\n", "every point is excluded"),
     ("axes: {a: {key: x, values: [1]}}\nexclude: [{a: 7}]\n", "has no value 7"),
     ("axes: {a: {values: [1]}}\n", "needs each value to be a mapping"),
-    ("axes: {a: {key: x, values: [1]}}\naxis: {}\n", "unknown field(s) ['axis']"),
+    ("axes: {a: {key: x, values: [1]}}\naxis: {}\n", "unknown key axis. Did you mean axes?"),
     ("axes: {}\n", "at least one axis"),
 ])
 def test_bad_grids_are_user_errors(tmp_path, body, needle):

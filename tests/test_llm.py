@@ -93,9 +93,9 @@ def test_zoo_paths_resolve_lazily(pretrained_dir, monkeypatch):
     ({"config": {"hidden_size": 8}, "tokenizer": "builtin:chatml"}, "model_type"),
     ({"config": tiny_llm_config("llama")}, "needs a `tokenizer`"),
     ({"config": tiny_llm_config("llama"), "tokenizer": "builtin:nope"}, "unknown builtin tokenizer"),
-    ({"config": tiny_llm_config("llama"), "tokenizer": "builtin:chatml", "chat_template": "nope"}, "unknown chat template"),
+    ({"config": tiny_llm_config("llama"), "tokenizer": "builtin:chatml", "chat_template": "nope"}, r"llm\.chat_template = 'nope' is not a chat template"),
     ({"config": tiny_llm_config("llama"), "tokenizer": "builtin:chatml", "dtype": "float8"}, "dtype"),
-    ({"config": tiny_llm_config("llama"), "tokenizer": "builtin:chatml", "lr": 1}, "unknown keys"),
+    ({"config": tiny_llm_config("llama"), "tokenizer": "builtin:chatml", "lr": 1}, r"unknown key llm\.lr\."),
     ({"path": "/nonexistent/dir/model"}, "cannot load"),
 ])
 def test_bad_configs_are_user_errors(cfg, match):

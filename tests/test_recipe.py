@@ -81,7 +81,7 @@ def test_research_grid_variants_compose(tmp_path, data_file):
 
 
 @pytest.mark.parametrize("override, message", [
-    (["stages.align.optim.lrr=1"], r"unknown recipe key stages\.align\.optim\.lrr\. Did you mean stages\.align\.optim\.lr\?"),
+    (["stages.align.optim.lrr=1"], r"unknown key stages\.align\.optim\.lrr\. Did you mean stages\.align\.optim\.lr\?"),
     (["run.sed=1"], r"Did you mean run\.seed\?"),
     (["stages.align.batch_size=abc"], r"stages\.align\.batch_size must be int, got str"),
     (["stages.align.precision=bf1"], r"stages\.align\.precision = 'bf1' is not one of .*Did you mean 'bf16'\?"),
@@ -90,7 +90,7 @@ def test_research_grid_variants_compose(tmp_path, data_file):
     (["datasets.captions.path=/does/not/exist.json"], r"datasets\.captions\.path: file /does/not/exist\.json not found"),
     (["stages.align.freeze.connector=frozen"], r"every module is frozen, so nothing would train"),
     (["stages.align.freeze.connector=lora"], r"LoRA on the connector is not supported"),
-    (["stages.align.batch_size=0"], r"batch_size must be >= 1"),
+    (["stages.align.batch_size=0"], r"stages\.align\.batch_size = 0 is out of range: it must be >= 1"),
     (["nokey"], r"not of the form key=value"),
 ])
 def test_bad_recipes_raise_one_clear_user_error(tmp_path, data_file, override, message):

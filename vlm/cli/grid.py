@@ -19,7 +19,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("grid", help="grid YAML (or an existing grid dir, to continue it)")
     parser.add_argument("--out", help="grid dir (default runs/<grid name>); run again with the same --out to resume")
     parser.add_argument("--executor", choices=["local", "slurm"], default="local")
-    parser.add_argument("--workers", type=int, default=1, help="local executor: points run at the same time")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local executor: points run at the same time (default: the grid file's `workers:`, else 1)")
     parser.add_argument("--dry-run", action="store_true", help="list the points and shared stage-1 artifacts; run nothing")
 
 

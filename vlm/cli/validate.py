@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from eval.runner import check_recipe_tasks
 from vlm.grid.points import validate_grid
 from vlm.model.vlm import build_vlm
 from vlm.recipe.freeze import MODULES, apply_policy, count_trainable, has_lora, merge_lora, module_of
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         rc = validate_grid(path)
         return int(rc or 0)
     cfg = load_recipe(path, args.overrides)
+    check_recipe_tasks(cfg)
     print(f"recipe {path}: valid")
     print(f"  model: encoder={cfg.model.encoder.get('type')} connector={cfg.model.connector.get('type')} "
           f"llm={cfg.model.llm.get('path') or cfg.model.llm.get('config', {}).get('model_type', '?')}")

@@ -82,14 +82,25 @@ def _die_with_parent() -> None:
 
 
 def point_commands(grid_dir: Path, point: dict[str, Any], cli: Sequence[str], gpus: int = 0) -> list[tuple[str, list[str]]]:
-    """`train` (under `accelerate launch` when gpus > 0) and `eval` for one point of the plan."""
+    """`train` (under `accelerate launch` with `gpus` processes when gpus > 0; on a free rendezvous port, so points
+    running side by side on one machine do not collide) and `eval` for one point of the plan. Under accelerate, `cli`
+    minus its interpreter is the program (`-m vlm`, or a script)."""
     run_dir = str(Path(grid_dir) / point["id"])
     overrides = [f"{k}={json.dumps(v)}" for k, v in point["overrides"].items()]
-    train = [*cli, "train", point["base"], *overrides, "--out", run_dir]
+    args = ["train", point["base"], *overrides, "--out", run_dir]
+    train = [*cli, *args]
     if gpus > 0:
-        train = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
-                 "--num_machines", "1", "-m", "vlm", "train", point["base"], *overrides, "--out", run_dir]
+        program = list(cli[1:]) if len(cli) > 1 else ["-m", "vlm"]
+        train = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if gpus > 1 else []),
+                 "--num_processes", str(gpus), "--num_machines", "1", "--main_process_port", str(_free_port()),
+                 *program, *args]
     return [("train", train), ("eval", [*cli, "eval", run_dir])]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
@@ -98,9 +109,10 @@ def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
 
 
-def run_point(grid_dir: str | Path, pid: str, cli: Sequence[str] | None = None, gpus: int = 0) -> str:
+def run_point(grid_dir: str | Path, pid: str, cli: Sequence[str] | None = None, gpus: int | None = None) -> str:
     """Run one point to completion unless it is done or another process holds it; returns the final state
-    (`done`, `failed`, or `busy` when another process is running it). Train and eval resume by themselves."""
+    (`done`, `failed`, or `busy` when another process is running it). Train and eval resume by themselves.
+    `gpus`: processes for train (default: the plan's `num_processes`, the recipe's `distributed.num_processes`)."""
     grid_dir = Path(grid_dir)
     plan = read_json(bookkeeping(grid_dir) / "plan.json")
     point = next(p for p in plan["points"] if p["id"] == pid)
@@ -120,7 +132,8 @@ def run_point(grid_dir: str | Path, pid: str, cli: Sequence[str] | None = None, 
         log = log_path(grid_dir, pid)
         log.parent.mkdir(parents=True, exist_ok=True)
         error = None
-        for step, cmd in point_commands(grid_dir, {**point, "base": plan["base"]}, cli or default_cli(), gpus):
+        procs = int(point.get("num_processes") or 0) if gpus is None else gpus
+        for step, cmd in point_commands(grid_dir, {**point, "base": plan["base"]}, cli or default_cli(), procs):
             if step == "eval" and (grid_dir / pid / "results.json").exists():
                 break  # `vlm train` already evaluated the recipe's eval.tasks
             with open(log, "a", encoding="utf-8") as f:

@@ -16,6 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from eval.runner import check_recipe_tasks
 from vlm.errors import UserError
 from vlm.grid.executors import DONE, FAILED, QUEUED, RUNNING, bookkeeping, is_locked, read_record, run_local, run_point, write_record
 from vlm.grid.spec import Grid, Point, compose_base, load_grid
@@ -31,9 +32,12 @@ def _override_strings(overrides: dict[str, Any]) -> list[str]:
 
 
 def resolve_point(grid: Grid, point: Point):
-    """The point's resolved, validated recipe (a DictConfig); a bad point raises UserError naming it."""
+    """The point's resolved, validated recipe (a DictConfig; its eval tasks checked too); a bad point raises
+    UserError naming it."""
     try:
-        return load_recipe(grid.base, _override_strings(point.overrides))
+        cfg = load_recipe(grid.base, _override_strings(point.overrides))
+        check_recipe_tasks(cfg)
+        return cfg
     except UserError as e:
         raise UserError(f"grid {grid.path}, point {point.id}: {e}") from None
 
@@ -54,7 +58,8 @@ def plan_grid(grid: Grid, grid_dir: Path | None) -> list[dict[str, Any]]:
             overrides[ARTIFACT_KEY] = str(Path(grid_dir).resolve() / "artifacts")
         cfg = resolve_point(grid, Point(point.id, point.labels, overrides))
         plan.append({"id": point.id, "labels": point.labels, "overrides": overrides,
-                     "stage_keys": list(stage_keys(cfg)), "gpus": gpus_of(cfg, grid)})
+                     "stage_keys": list(stage_keys(cfg)), "gpus": gpus_of(cfg, grid),
+                     "num_processes": int(cfg.distributed.num_processes or 0)})
     return plan
 
 
@@ -105,7 +110,7 @@ def prepare_grid_dir(grid: Grid, grid_dir: Path, plan: list[dict[str, Any]]) -> 
                                   "axes": list(grid.axes), "groups": grid.groups, "points": plan})
 
 
-def launch(grid_path: str | Path, out: str | Path | None = None, *, executor: str = "local", workers: int = 1,
+def launch(grid_path: str | Path, out: str | Path | None = None, *, executor: str = "local", workers: int | None = None,
            cli: Sequence[str] | None = None, slurm_cluster: str = "slurm", echo=print):
     """Run (or submit) every point not yet done. `cli` replaces `python -m vlm` (tests inject stand-ins);
     `slurm_cluster` is submitit's cluster name ("debug"/"local" run jobs on this machine)."""
@@ -119,7 +124,7 @@ def launch(grid_path: str | Path, out: str | Path | None = None, *, executor: st
     todo = [p for p in plan if read_record(grid_dir, p["id"]).get("state") != DONE]
     echo(f"grid {grid.name}: {len(plan)} points, {len(plan) - len(todo)} done, {len(todo)} to run -> {grid_dir}")
     if executor == "local":
-        return run_local(grid_dir, [p["id"] for p in todo], workers, cli, echo=echo)
+        return run_local(grid_dir, [p["id"] for p in todo], workers or grid.workers, cli, echo=echo)
     if executor == "slurm":
         return submit_slurm(grid, grid_dir, todo, cli, cluster=slurm_cluster, echo=echo)
     raise UserError(f"unknown executor {executor!r}; use local or slurm")

@@ -19,6 +19,7 @@ zip: [[llm, tmpl]]                # axes in one group advance together; groups a
 exclude: [{enc: clip, lr: 2.0e-4}]    # drop points matching every listed axis label
 points: [{match: {enc: dinov2}, set: {stages.1.batch_size: 8}}]  # per-point overrides
 slurm: {partition: gpu, timeout_min: 1440}   # submitit parameters for --executor slurm
+workers: 2                        # local executor: points run at the same time (`vlm grid --workers` overrides it)
 ```
 """
 from __future__ import annotations
@@ -30,14 +31,22 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import yaml
 
+from vlm.config import Positive, check
 from vlm.errors import UserError
 from vlm.io import atomic_write_text
 
-TOP_KEYS = {"name", "base", "set", "axes", "zip", "exclude", "points", "slurm", "workers"}
+# the keys of a grid file and of one axis, checked with `vlm.config.check` (see the module docstring)
+GRID_KEYS: dict[str, Any] = {
+    "name": Optional[str], "base": Union[str, list[str]], "set": Optional[dict[str, Any]], "axes": dict[str, Any],
+    "zip": Optional[list[list[str]]], "exclude": Optional[list[dict[str, Any]]], "points": Optional[list[dict[str, Any]]],
+    "slurm": Optional[dict[str, Any]],
+    "workers": Optional[Positive],  # `vlm grid` (local executor): points at a time unless --workers is given
+}
+AXIS_KEYS: dict[str, Any] = {"key": Optional[str], "values": Union[list[Any], dict[str, Any]]}
 _LABEL_OK = re.compile(r"[^A-Za-z0-9._+\-]+")
 
 
@@ -61,6 +70,7 @@ class Grid:
     exclude: list[dict[str, str]] = field(default_factory=list)
     point_overrides: list[dict[str, Any]] = field(default_factory=list)
     slurm: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1  # the grid file's `workers:`, the local executor's default
     raw: dict[str, Any] = field(default_factory=dict)
 
     def points(self) -> list[Point]:
@@ -89,9 +99,10 @@ def _parse_axis(name: str, spec: Any, path: Path) -> dict[str, Any]:
     if not re.fullmatch(r"[A-Za-z0-9_.+\-]+", str(name)):
         raise _err(path, where, "axis names may only use letters, digits and . _ + - (they appear in run ids)")
     spec = _mapping(spec, path, where)
-    unknown = set(spec) - {"key", "values"}
-    if unknown:
-        raise _err(path, where, f"unknown field(s) {sorted(unknown)}; an axis has `key` (optional) and `values`")
+    try:
+        check(spec, AXIS_KEYS, where)
+    except UserError as e:
+        raise UserError(f"grid {path}: {e}") from None
     key, values = spec.get("key"), spec.get("values")
     if isinstance(values, list):
         labelled = {label_of(v): v for v in values}
@@ -125,11 +136,12 @@ def load_grid(path: str | Path) -> Grid:
     except yaml.YAMLError as e:
         raise UserError(f"grid {path} is not valid YAML: {e}") from None
     raw = _mapping(raw, path, "top level")
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise _err(path, "top level", f"unknown field(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     if "base" not in raw:
         raise _err(path, "top level", "missing `base`: the recipe every point starts from")
+    try:
+        check(raw, GRID_KEYS, "")
+    except UserError as e:
+        raise UserError(f"grid {path}: {e}") from None
     bases = raw["base"] if isinstance(raw["base"], list) else [raw["base"]]
     files = [(path.parent / str(b)).resolve() for b in bases]
     for f in files:
@@ -152,7 +164,7 @@ def load_grid(path: str | Path) -> Grid:
                                 "set": _mapping(po["set"], path, f"points[{i}].set")})
     return Grid(path=path, name=str(raw.get("name") or path.stem), base=base, axes=axes, groups=groups,
                 common=_mapping(raw.get("set"), path, "set"), exclude=exclude, point_overrides=point_overrides,
-                slurm=_mapping(raw.get("slurm"), path, "slurm"), raw=raw)
+                slurm=_mapping(raw.get("slurm"), path, "slurm"), workers=int(raw.get("workers") or 1), raw=raw)
 
 
 def compose_base(files: list[Path], folder: Path) -> Path:

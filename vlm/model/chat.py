@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import weakref
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Mapping, Sequence
 
+from vlm.config import Check
 from vlm.errors import UserError
 
 IGNORE_INDEX = -100
@@ -24,13 +25,22 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+def template_names() -> list[str]:
+    """The chat templates shipped in `vlm/model/templates/` (a config names one by its file stem)."""
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
+# a config value naming a shipped chat template (`chat_template: plain`)
+TemplateName = Annotated[str, Check(lambda name: name in template_names(), "a chat template of vlm/model/templates/",
+                                    template_names)]
+
+
 @functools.lru_cache(maxsize=None)
 def load_template(name: str) -> str:
-    """The Jinja text of `vlm/templates/<name>.jinja`."""
+    """The Jinja text of `vlm/model/templates/<name>.jinja`."""
     path = TEMPLATES_DIR / f"{name}.jinja"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
-        raise UserError(f"unknown chat template {name!r} (no {path}); known: {known}.")
+        raise UserError(f"unknown chat template {name!r} (no {path}); known: {', '.join(template_names())}.")
     return path.read_text()
 
 

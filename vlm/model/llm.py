@@ -20,20 +20,39 @@ vocabulary beyond `<image>`; new embedding rows are initialised to the mean of t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from vlm.config import DTYPES, DtypeName, check
 from vlm.errors import UserError
-from vlm.model.chat import load_template, tokenize_conversation
+from vlm.model.chat import TemplateName, load_template, tokenize_conversation
 from vlm.model.tokenizers import builtin_tokenizer
 from vlm.world.zoo.catalogue import maybe_resolve
 
 IMAGE_TOKEN = "<image>"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-_KEYS = {"path", "config", "tokenizer", "chat_template", "dtype", "attn_implementation"}
+
+
+@dataclass(frozen=True)
+class LLMOptions:
+    """The keys of an `llm` config (checked by `vlm.config.check`; see the module docstring)."""
+
+    path: Optional[str] = None
+    config: Optional[dict[str, Any]] = None
+    tokenizer: Optional[str] = None
+    chat_template: Optional[TemplateName] = None
+    dtype: Optional[DtypeName] = "float32"  # null = float32
+    attn_implementation: Optional[str] = None  # null = sdpa
+
+
+def check_llm_config(cfg: Mapping[str, Any], where: str = "llm") -> dict[str, Any]:
+    """An `llm` config with its keys, types and chat template checked and defaults filled in (nothing is loaded)."""
+    opts = check(cfg, LLMOptions, where)
+    if (opts["path"] is None) == (opts["config"] is None):
+        raise UserError(f"{where} needs exactly one of `path` (pretrained weights) or `config` (random init).")
+    if opts["config"] is not None and opts["tokenizer"] is None:
+        raise UserError(f"{where} with `config` (random init) needs a `tokenizer` (a path or builtin:<family>).")
+    return opts
 
 
 @dataclass
@@ -87,27 +106,18 @@ def _ensure_pad(tokenizer: Any) -> None:
         raise UserError("tokenizer has no pad, unk or eos token to pad with; set one in the tokenizer files.")
 
 
-def build_llm(cfg: Mapping[str, Any]) -> LanguageModel:
+def build_llm(cfg: Mapping[str, Any], where: str = "llm") -> LanguageModel:
+    """The LLM of an `llm` config (`where`: its path in the recipe, for error messages)."""
     cfg = dict(cfg)
-    unknown = set(cfg) - _KEYS
-    if unknown:
-        raise UserError(f"llm config has unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}.")
-    path, config = cfg.get("path"), cfg.get("config")
-    if (path is None) == (config is None):
-        raise UserError("llm config needs exactly one of `path` (pretrained weights) or `config` (random init).")
+    opts = check_llm_config(cfg, where)
+    path, config = opts["path"], opts["config"]
     src = None if path is None else _resolve_path(str(path))
-    dtype_name = str(cfg.get("dtype") or "float32")
-    if dtype_name not in DTYPES:
-        raise UserError(f"llm dtype {dtype_name!r} unknown; one of {sorted(DTYPES)}.")
-    dtype = DTYPES[dtype_name]
-    attn = cfg.get("attn_implementation") or "sdpa"
+    dtype = DTYPES[opts["dtype"] or "float32"]
+    attn = opts["attn_implementation"] or "sdpa"
 
-    tok_spec = cfg.get("tokenizer") or src
-    if tok_spec is None:
-        raise UserError("llm config with `config` (random init) needs a `tokenizer` (a path or builtin:<family>).")
-    tokenizer = load_tokenizer(str(tok_spec))
-    if cfg.get("chat_template"):
-        set_chat_template(tokenizer, str(cfg["chat_template"]))
+    tokenizer = load_tokenizer(str(opts["tokenizer"] or src))
+    if opts["chat_template"]:
+        set_chat_template(tokenizer, opts["chat_template"])
     _ensure_pad(tokenizer)
     image_token_id = add_image_token(tokenizer)
 

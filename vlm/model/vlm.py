@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from connectors import build_connector
+from connectors import build_connector, check_connector
 from encoders import build_encoder
+from vlm.config import check_keys
 from vlm.errors import UserError
 from vlm.model.chat import tokenize_prompt
-from vlm.model.llm import build_llm
+from vlm.model.llm import build_llm, check_llm_config
 
 IGNORE_INDEX = -100
 
@@ -425,13 +426,23 @@ def _to_device(pixels: Any, device: torch.device) -> Any:
     return pixels.to(device)
 
 
-def build_vlm(model_cfg: Mapping[str, Any]) -> VLM:
-    """Build a VLM from a recipe's `model` section: `{encoder: {...}, connector: {...}, llm: {...}}`."""
+def check_model_config(model_cfg: Mapping[str, Any], where: str = "model") -> None:
+    """What can be checked of a `model` section without building it: its parts, the connector's and the LLM's keys
+    against their builders (the encoder family checks its keys when it is built)."""
+    check_keys(model_cfg, ("encoder", "connector", "llm"), where)
     for part in ("encoder", "connector", "llm"):
-        if part not in model_cfg:
-            raise UserError(f"model config has no '{part}' section; a model needs encoder, connector and llm")
-    encoder = build_encoder(dict(model_cfg["encoder"]))
-    llm = build_llm(dict(model_cfg["llm"]))
+        if not model_cfg.get(part):
+            raise UserError(f"{where}.{part} is empty; set it (e.g. defaults: [models/tiny.yaml]).")
+    check_connector(model_cfg["connector"], f"{where}.connector")
+    check_llm_config(model_cfg["llm"], f"{where}.llm")
+
+
+def build_vlm(model_cfg: Mapping[str, Any], where: str = "model") -> VLM:
+    """Build a VLM from a recipe's `model` section: `{encoder: {...}, connector: {...}, llm: {...}}` (`where`: its
+    path in the recipe, named in error messages)."""
+    check_model_config(model_cfg, where)
+    encoder = build_encoder(dict(model_cfg["encoder"]), f"{where}.encoder")
+    llm = build_llm(dict(model_cfg["llm"]), f"{where}.llm")
     llm_dim = llm.model.get_input_embeddings().weight.shape[1]
     connector = build_connector(
         dict(model_cfg["connector"]),
@@ -439,5 +450,6 @@ def build_vlm(model_cfg: Mapping[str, Any]) -> VLM:
         llm_dim=llm_dim,
         num_tokens=encoder.num_tokens,
         patch_grid_size=encoder.patch_grid_size,
+        where=f"{where}.connector",
     )
     return VLM(encoder, connector, llm)

@@ -9,20 +9,20 @@ types and choices are enforced, defaults are filled in. `load_recipe` returns th
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib.util
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlm.config import Check, NonNegative, Positive, Range, check
 from vlm.errors import UserError
+from vlm.model.chat import TemplateName
+from vlm.model.vlm import check_model_config
 from vlm.recipe.freeze import check_policy_static
 from vlm.world.synth.world import synth_dir
 
@@ -46,13 +46,13 @@ class ModulePolicy:
     """How one module (`vision`, `connector`, `llm`) is trained in a stage. A bare string is `mode`."""
 
     mode: Literal["frozen", "full", "lora", "partial"] = "frozen"
-    lr: Optional[float] = None  # default: the stage's optim.lr
-    weight_decay: Optional[float] = None  # default: the stage's optim.weight_decay
-    r: int = 8  # lora rank
-    alpha: float = 16.0  # lora alpha
-    dropout: float = 0.0  # lora dropout
+    lr: Optional[NonNegative] = None  # default: the stage's optim.lr
+    weight_decay: Optional[NonNegative] = None  # default: the stage's optim.weight_decay
+    r: Positive = 8  # lora rank
+    alpha: Annotated[float, Range(gt=0)] = 16.0  # lora alpha
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0  # lora dropout
     target_modules: Optional[list[str]] = None  # lora targets (peft names); null = all linear layers
-    k: int = 1  # partial: train the last k blocks
+    k: Positive = 1  # partial: train the last k blocks
 
 
 @dataclass
@@ -67,20 +67,21 @@ class MixtureItem:
     """One component of a stage's data mixture. A bare string is `dataset`."""
 
     dataset: str = "???"  # a key of `datasets`
-    weight: float = 1.0  # sampling multiplier on the component's size (2.0 = every sample twice an epoch)
-    max_samples: Optional[int] = None  # cap on the component before weighting
+    weight: Annotated[float, Range(gt=0)] = 1.0  # sampling multiplier on the component's size (2.0 = every sample twice an epoch)
+    max_samples: Optional[Positive] = None  # cap on the component before weighting
 
 
 @dataclass
 class Optim:
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: Annotated[float, Range(gt=0)] = 1e-3
+    weight_decay: NonNegative = 0.0
+    betas: Annotated[list[Annotated[float, Range(ge=0, lt=1)]], Check(lambda b: len(b) == 2, "two numbers")] = \
+        field(default_factory=lambda: [0.9, 0.999])
+    eps: Annotated[float, Range(gt=0)] = 1e-8
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03
-    max_grad_norm: Optional[float] = 1.0  # null = no clipping
+    warmup_ratio: Annotated[float, Range(ge=0, le=1)] = 0.03
+    max_grad_norm: Optional[Annotated[float, Range(gt=0)]] = 1.0  # null = no clipping
 
 
 @dataclass
@@ -89,15 +90,15 @@ class Stage:
     data: list[MixtureItem] = field(default_factory=list)
     freeze: FreezePolicy = field(default_factory=FreezePolicy)
     optim: Optim = field(default_factory=Optim)
-    max_steps: Optional[int] = None  # optimizer steps; null = `epochs` passes over the mixture
-    epochs: float = 1.0
-    batch_size: int = 8  # per device, per micro-step
-    grad_accum: int = 1
+    max_steps: Optional[Positive] = None  # optimizer steps; null = `epochs` passes over the mixture
+    epochs: Annotated[float, Range(gt=0)] = 1.0
+    batch_size: Positive = 8  # per device, per micro-step
+    grad_accum: Positive = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
-    max_length: int = 2048  # tokens after image expansion; longer samples are broken samples
-    chat_template: Optional[str] = None  # template for this stage's data (e.g. plain); null = the LLM's own
-    save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
+    max_length: Positive = 2048  # tokens after image expansion; longer samples are broken samples
+    chat_template: Optional[TemplateName] = None  # template for this stage's data (e.g. plain); null = the LLM's own
+    save_every: Annotated[int, Range(ge=0)] = 0  # checkpoint every N optimizer steps (0 = only at the end)
     feature_cache: bool = True  # reuse cached encoder features when the vision module is frozen
 
 
@@ -143,24 +144,26 @@ class Model:
 @dataclass
 class Distributed:
     strategy: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
-    num_processes: Optional[int] = None  # processes (GPUs) the grid launcher starts per run; null = grid default
+    num_processes: Optional[Positive] = None  # processes the grid launcher starts per run (accelerate launch)
 
 
 @dataclass
 class Eval:
     tasks: list[Any] = field(default_factory=list)  # run after the last stage (eval.runner task specs)
     quick_tasks: list[Any] = field(default_factory=list)  # run every `every_steps` during training
-    every_steps: int = 0
+    every_steps: Annotated[int, Range(ge=0)] = 0
 
 
 @dataclass
-class Run:
+class RunSection:
+    """The recipe's `run:` section (not to be confused with a training run's state, `vlm.train.steps`)."""
+
     name: str = "run"
     seed: int = 0
     out_root: str = "runs"  # default parent of the run dir when `--out` is not given
     artifact_store: Optional[str] = None  # shared stage artifacts (default: RUN_DIR/artifacts)
     feature_cache_dir: Optional[str] = None  # default: ~/.cache/vlm-ablate/features
-    log_every: int = 1
+    log_every: Positive = 1
     progress: bool = True
     trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     keep_final_checkpoints: bool = True  # false: drop a stage's checkpoints once its artifact is in place
@@ -168,7 +171,7 @@ class Run:
 
 @dataclass
 class Recipe:
-    run: Run = field(default_factory=Run)
+    run: RunSection = field(default_factory=RunSection)
     model: Model = field(default_factory=Model)
     datasets: dict[str, Dataset] = field(default_factory=dict)
     data: Data = field(default_factory=Data)
@@ -279,82 +282,11 @@ def compose(path: str | Path, overrides: Sequence[str] = ()) -> dict:
 
 
 # --------------------------------------------------------------------------- validation
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _check(value: Any, tp: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check(value, inner[0], where)
-    if value is None:
-        raise UserError(f"{where} must not be null (expected {_type_name(tp)}).")
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"{where} = {value!r} is not one of {', '.join(map(repr, args))}.{hint}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise UserError(f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, "
-                            f"got {value!r}.")
-        return _check_dataclass(value, tp, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"{where} must be a list, got {type(value).__name__} {value!r}.")
-        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{where} must be a mapping, got {type(value).__name__} {value!r}.")
-        return {str(k): _check(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML reads 1e-3 (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise UserError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}.")
-    return value
-
-
-def _check_dataclass(value: dict, tp: type, where: str) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(tp)}
-    hints = typing.get_type_hints(tp)
-    for key in value:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f" Did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
-            raise UserError(f"unknown recipe key {where + '.' if where else ''}{key}.{hint} "
-                            f"Valid keys here: {', '.join(fields)}.")
-    out = {}
-    for name, f in fields.items():
-        sub = f"{where}.{name}" if where else name
-        if name in value:
-            out[name] = _check(value[name], hints[name], sub)
-        else:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            out[name] = _check(dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default,
-                               hints[name], sub)
-        if out[name] == "???":
-            raise UserError(f"{sub} is required.")
-    return out
-
-
 def _check_semantics(cfg: dict, where: str, check_files: bool = True) -> None:
     stages = cfg["stages"]
     if not stages or not any(s["enabled"] for s in stages.values()):
         raise UserError(f"recipe {where} has no enabled stage under `stages:`; add one (see docs/recipes.md).")
-    for key in ("encoder", "connector", "llm"):
-        if not cfg["model"][key]:
-            raise UserError(f"recipe {where}: model.{key} is empty; set it (e.g. defaults: [models/tiny.yaml]).")
+    check_model_config(cfg["model"], "model")
     used = {item["dataset"] for st in stages.values() if st["enabled"] for item in st["data"]}
     for name, ds in cfg["datasets"].items():
         if name in used and check_files:  # a data file may define more sources than a recipe uses
@@ -372,13 +304,6 @@ def _check_semantics(cfg: dict, where: str, check_files: bool = True) -> None:
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise UserError(f"stages.{sname}.data[{i}] names dataset {item['dataset']!r}, which is not defined "
                                 f"under `datasets:`.{hint} Defined: {', '.join(cfg['datasets']) or 'none'}.")
-            if item["weight"] <= 0 or (item["max_samples"] is not None and item["max_samples"] <= 0):
-                raise UserError(f"stages.{sname}.data[{i}]: weight and max_samples must be positive.")
-        for k in ("batch_size", "grad_accum", "max_length"):
-            if st[k] < 1:
-                raise UserError(f"stages.{sname}.{k} must be >= 1, got {st[k]}.")
-        if st["max_steps"] is not None and st["max_steps"] < 1:
-            raise UserError(f"stages.{sname}.max_steps must be >= 1 or null, got {st['max_steps']}.")
         check_policy_static(st["freeze"], f"stages.{sname}.freeze")
     for tracker in cfg["run"]["trackers"]:
         pkgs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[tracker]
@@ -419,7 +344,7 @@ def _check_dataset(name: str, ds: dict) -> None:
 def validate(raw: dict, where: str = "recipe", check_files: bool = True) -> dict:
     """Check a composed dict against the schema; return it with defaults filled in. `check_files=False` skips the
     checks that the datasets' files exist (`vlm plan` prices a recipe on a machine without its data)."""
-    cfg = _check_dataclass(raw, Recipe, "")
+    cfg = check(raw, Recipe, "")
     _check_semantics(cfg, where, check_files)
     return cfg
 
