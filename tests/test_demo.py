@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from vlm.io import atomic_write_json
 import yaml
 
 from vlm.cli import main as cli_main
@@ -114,79 +116,61 @@ def test_every_demo_point_is_a_valid_recipe(world_cache, tmp_path, grid_file):
     assert len({p["stage_keys"][0] for p in plan}) == len(plan)  # every point trains its own stage 1
 
 
-# ---------------------------------------------------------------- noise summary
+# ---------------------------------------------------------------- noise summary (the report's statistics)
 
 
-def test_mean_se_hand_worked():
-    m, se = demo.mean_se([1.0, 0.0, 1.0, 0.0])
-    assert m == 0.5 and se == pytest.approx(math.sqrt((4 * 0.25 / 3) / 4))  # sd² = 1/3, SE = sqrt(1/12)
-    assert demo.mean_se([0.7]) == (0.7, 0.0)
-
-
-def _fake_grid(root: Path, correct: dict[str, list[int]]) -> None:
+def _fake_grid(root: Path, correct: dict[str, list[int]], axes: list[str]) -> None:
+    """A finished grid dir as `vlm grid` leaves it: every point one fine-grained and one general task, whose
+    per-item scores are `correct` (fine-grained) and all-right (general)."""
     points = []
     for pid, row in correct.items():
         labels = dict(part.split("=") for part in pid.split(","))
-        points.append({"id": pid, "labels": labels, "overrides": {}})
-        for task in ("synth_fg_mc", "synth_fg_open"):
+        overrides = {"run.seed": int(labels["seed"])} if "seed" in labels else {}
+        points.append({"id": pid, "labels": labels, "overrides": overrides})
+        fg = sum(row) / len(row)
+        for task, family, scores in (("synth_fg_mc", "fine_grained", row), ("synth_vqa", "general", [1] * len(row))):
             d = root / pid / "eval" / task
-            d.mkdir(parents=True)
-            with open(d / "predictions.jsonl", "w") as f:
-                for i, c in enumerate(row):
-                    rec = {"mc_answer": "A", "mc_pred": "A" if c else "B"} if task == "synth_fg_mc" else \
-                        {"open_correct": False}
-                    f.write(json.dumps({"id": f"t{i}", **rec}) + "\n")
-    (root / "_grid").mkdir()
-    (root / "_grid" / "plan.json").write_text(json.dumps({"points": points}))
+            atomic_write_json(d / "results.json", {"task": task, "family": family, "headline": "acc",
+                                                   "score": sum(scores) / len(scores), "metrics": {}})
+            atomic_write_json(d / "item_scores.json", {"task": task, "family": family, "headline": "acc",
+                                                       "scores": {"acc": {f"t{i}": c for i, c in enumerate(scores)}}})
+        atomic_write_json(root / pid / "results.json", {"fine_grained": fg, "general": 1.0, "gap": fg - 1.0})
+        atomic_write_json(root / "_grid" / "points" / f"{pid}.json", {"state": "done", "attempts": 1})
+    atomic_write_json(root / "_grid" / "plan.json", {"name": "demo", "axes": axes, "groups": [[a] for a in axes],
+                                                     "points": points})
 
 
-def test_paired_effects_hand_worked(tmp_path):
+def test_summary_paired_effects_hand_worked(tmp_path):
     _fake_grid(tmp_path, {
         "encoder=a,stage1_llm=frozen": [1, 0, 0, 0],
         "encoder=a,stage1_llm=full": [1, 1, 0, 0],
         "encoder=b,stage1_llm=frozen": [1, 1, 1, 0],
         "encoder=b,stage1_llm=full": [1, 1, 1, 1],
-    })
-    points = json.loads((tmp_path / "_grid" / "plan.json").read_text())["points"]
-    scores = {p["id"]: demo.item_scores(tmp_path / p["id"]) for p in points}
-    assert scores["encoder=a,stage1_llm=frozen"]["mc_acc"] == {"t0": 1.0, "t1": 0.0, "t2": 0.0, "t3": 0.0}
-    eff = {(e["axis"], e["metric"]): e for e in demo.paired_effects(points, scores)}
-    enc = eff[("encoder", "mc_acc")]
-    # per-item b − a: frozen pair [0, 1, 1, 0], full pair [0, 0, 1, 1] → 8 diffs, mean 0.5, sd² = 2/7
-    assert enc["n"] == 8 and enc["diff"] == pytest.approx(0.5)
-    assert enc["se"] == pytest.approx(math.sqrt((2 / 7) / 8))
-    llm = eff[("stage1_llm", "mc_acc")]
-    assert llm["level"] == "full" and llm["reference"] == "frozen" and llm["diff"] == pytest.approx(0.25)
+    }, ["encoder", "stage1_llm"])
     text = demo.summary_markdown(tmp_path)
-    assert "| encoder=b,stage1_llm=full | 1.000 ± 0.000 |" in text
-    assert "| encoder | b vs a | mc_acc | +0.500 * |" in text  # 0.5 > 2 × 0.189
-    assert "open_acc" in text and "rank_top1" not in text and "vqa_acc" not in text  # only metrics that have predictions
+    # fine-grained of b/full: 1.000 ± 0; general 1.000 ± 0
+    assert "| encoder=b,stage1_llm=full | done | b | full | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.000 ± 0.000 |" in text
+    # per item b − a averaged over the 2 pairs: frozen [0, 1, 1, 0], full [0, 0, 1, 1] -> [0, .5, 1, .5]: mean 0.5,
+    # SE = sd / 2 = sqrt(1/6) / 2 = 0.204; 0.5 > 2 x 0.204 -> marked; no seed axis
+    assert "| encoder | – | b vs a | +0.500 ± 0.204 * | +0.000 ± 0.000 | +0.500 ± 0.204 * | – / – | 2 |" in text
+    assert "no seed axis" in text
 
 
-def test_seed_noise_hand_worked(tmp_path):
-    """Two seeds per point: the seed spread is the RMS of seed-1 − seed-0 point means; an effect is starred only
+def test_summary_seed_noise_hand_worked(tmp_path):
+    """Two seeds per point: the seed spread is the RMS of seed-1 − seed-0 point scores; an effect is starred only
     when it beats 2 SE over items and 2 x seed sd / sqrt(point pairs)."""
     _fake_grid(tmp_path, {
         "encoder=a,seed=0": [1, 0, 0, 0],
         "encoder=b,seed=0": [1, 1, 1, 1],
-        "encoder=a,seed=1": [1, 1, 0, 0],   # seed-1 − seed-0 mean: +0.25
+        "encoder=a,seed=1": [1, 1, 0, 0],   # seed-1 − seed-0: +0.25
         "encoder=b,seed=1": [1, 1, 1, 1],   # +0.0
-    })
-    points = json.loads((tmp_path / "_grid" / "plan.json").read_text())["points"]
-    scores = {p["id"]: demo.item_scores(tmp_path / p["id"]) for p in points}
-    noise = demo.seed_noise(points, scores)["mc_acc"]
-    assert noise["diffs"] == pytest.approx([0.25, 0.0]) and noise["pairs"] == 2
-    assert noise["sd"] == pytest.approx(math.sqrt((0.25 ** 2 + 0) / 2))
-    effects = demo.paired_effects(points, scores)
-    assert {e["axis"] for e in effects} == {"encoder"}  # the seed axis is noise, not an effect
-    enc = next(e for e in effects if e["metric"] == "mc_acc")
-    # per-item b − a: seed 0 [0, 1, 1, 1], seed 1 [0, 0, 1, 1] → mean 0.625 over 8 items, 2 point pairs
-    assert enc["diff"] == pytest.approx(0.625) and enc["pairs"] == 2
-    assert demo.beyond_noise(enc, {"mc_acc": noise})            # 0.625 > 2 x 0.177 / sqrt(2) = 0.25
-    assert not demo.beyond_noise(enc, {"mc_acc": {**noise, "sd": 0.5}})  # 2 x 0.5 / sqrt(2) = 0.71 > 0.625
+    }, ["encoder", "seed"])
     text = demo.summary_markdown(tmp_path)
-    assert "## Seed noise" in text and "| mc_acc | +0.250, +0.000 | 0.177 | 2 |" in text
-    assert "| encoder | b vs a | mc_acc | +0.625 * |" in text
+    assert "## Seed noise" in text and "| fine_grained | +0.250, +0.000 | 0.177 | 2 |" in text
+    # b − a per item over the 2 seed pairs: [0, 1, 1, 1] and [0, 0, 1, 1] -> [0, .5, 1, 1]: mean 0.625, SE 0.239;
+    # seed noise 0.177 / sqrt(2) = 0.125; 0.625 > 2 x 0.239 and > 2 x 0.125 -> marked
+    assert "| encoder | – | b vs a | +0.625 ± 0.239 * | +0.000 ± 0.000 | +0.625 ± 0.239 * | 0.125 / 0.000 | 2 |" in text
+    assert "\n| seed |" not in text  # the seed axis is noise, not an effect (no effect row)
 
 
 def test_summary_without_plan(tmp_path):

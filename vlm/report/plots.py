@@ -82,7 +82,7 @@ def axis_effects(effects: list[AxisEffect], path: Path) -> Path | None:
     pairs = {(e.axis, e.level): e.pairs for e in effects}
     ax.set_xticklabels([f"{a}\n{lv} vs {ref}\n({pairs[(a, lv)]} pairs)" for a, lv, ref in rows], fontsize=7)
     ax.set_ylabel("mean paired change in score")
-    ax.set_title("effect of each axis on fine-grained vs general (others held fixed; bars ±2 SE)")
+    ax.set_title("axis effects: fine-grained vs general (bars ±2 SE)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

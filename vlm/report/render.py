@@ -16,7 +16,7 @@ from typing import Any
 from vlm.io import atomic_write_bytes, atomic_write_text
 from vlm.report import plots as report_plots
 from vlm.report.collect import HEADLINE, PROTOCOL_METRICS, Collected, collect
-from vlm.report.effects import AxisEffect, Estimate, axis_effects, point_summary
+from vlm.report.effects import AxisEffect, Estimate, axis_effects, point_summary, seed_noise
 from vlm.report.findings import Finding, findings
 
 
@@ -90,6 +90,27 @@ def task_effects_table(effects: list[AxisEffect]) -> Table:
             for e in effects if e.metric not in HEADLINE]
     return ("Axis effects per task (headline metric; * as above)",
             ["axis", "level vs reference", "task", "Δ", "seed noise", "items", "point pairs"], rows)
+
+
+def seed_noise_table(data: Collected) -> Table:
+    """Per summary: how much a point moves when only its seed changes (each pair's difference and their RMS)."""
+    if data.seed_axis is None:
+        return "Seed noise", [], []
+    seed_factor = next(f for f in data.factors if data.seed_axis in f)
+    noise = seed_noise(data.finished, data.factors, seed_factor, HEADLINE)
+    rows = [[m, ", ".join(f"{d:+.3f}" for d in n["diffs"]), f"{n['sd']:.3f}", n["pairs"]] for m, n in noise.items()]
+    return ("Seed noise (a point trained again with another seed − the same point, same items)",
+            ["summary", "per-pair differences", "sd of a difference (RMS)", "pairs"], rows)
+
+
+def summary_tables(data: Collected) -> list[Table]:
+    """Points ± SE, seed noise, findings and axis effects: the statistics `vlm report` and `vlm demo` both print."""
+    summaries = {p.id: point_summary(p) for p in data.finished}
+    effects = axis_effects(data.finished, data.factors, data.seed_axis)
+    tables = [overview_table(data, summaries), seed_noise_table(data),
+              findings_table(findings(effects, data.roles, data.trained_levels)), effects_table(data, effects),
+              task_effects_table(effects)]
+    return [t for t in tables if t[2]]
 
 
 def findings_table(found: list[Finding]) -> Table:
@@ -176,7 +197,7 @@ def problems_table(data: Collected) -> Table:
 # ---------------------------------------------------------------- rendering
 
 
-def _md_table(t: Table) -> str:
+def md_table(t: Table) -> str:
     title, header, rows = t
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -207,7 +228,6 @@ def build_report(grid_dir: str | Path) -> dict[str, Path]:
     data = collect(grid_dir)
     summaries = {p.id: point_summary(p) for p in data.finished}
     effects = axis_effects(data.finished, data.factors, data.seed_axis)
-    found = findings(effects, data.roles, data.trained_levels)
     pairs = probe_pairs(data)
     plots_dir = grid_dir / "plots"
     plots = {name: p for name, p in {
@@ -216,8 +236,7 @@ def build_report(grid_dir: str | Path) -> dict[str, Path]:
         "linear-probe ceiling": report_plots.probe_ceiling(pairs, plots_dir / "probe_ceiling.png"),
         "training dynamics": report_plots.dynamics(data, plots_dir / "dynamics.png"),
     }.items() if p is not None}
-    tables = [overview_table(data, summaries), findings_table(found), effects_table(data, effects),
-              task_effects_table(effects), tasks_table(data), *dataset_tables(data), *protocol_tables(data)]
+    tables = [*summary_tables(data), tasks_table(data), *dataset_tables(data), *protocol_tables(data)]
     if pairs:
         tables.append(probe_table(pairs))
     problems = problems_table(data)
@@ -230,7 +249,7 @@ def build_report(grid_dir: str | Path) -> dict[str, Path]:
     write_csv(data, summaries, grid_dir / "results.csv")
     md = [f"# Grid report: {data.name}", "", summary, ""]
     md += [f"![{name}](plots/{p.name})\n" for name, p in plots.items()]
-    md += [_md_table(t) for t in tables]
+    md += [md_table(t) for t in tables]
     atomic_write_text(grid_dir / "report.md", "\n".join(md))
     images = "".join(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
                      f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{html.escape(name)}</figcaption></figure>\n"

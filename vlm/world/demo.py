@@ -5,8 +5,8 @@
     3. `vlm grid recipes/grids/demo.yaml --out runs/demo`                      (local executor; done points skipped)
     4. `vlm report runs/demo`                                                  (report.md, report.html, plots/)
 
-then a summary: every point's scores with their standard errors, and every axis's paired difference with the
-standard error of the per-item differences (`summary_markdown`, docs/demo.md).
+then a summary: every point's scores with their standard errors, and every axis's paired difference with its
+standard error and seed noise — the report's own statistics (`summary_markdown`, docs/demo.md).
 `--quick` runs the same grid on `recipes/demo/quick.yaml` (fewer steps and eval items) into runs/demo-quick.
 `--seeds N` adds a `seed` axis (run.seed 0..N-1): every point is trained N times, and the summary measures the
 seed-to-seed spread and marks an axis effect only when it exceeds both the item noise and the seed noise.
@@ -21,16 +21,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import yaml
 
-from eval.metrics import vqa_accuracy
 from vlm.errors import UserError
 from vlm.grid.points import launch, plan_grid, print_plan
 from vlm.grid.spec import load_grid
-from vlm.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
-from vlm.report.render import build_report
+from vlm.io import atomic_write_json, atomic_write_text, read_json
+from vlm.report.collect import collect
+from vlm.report.render import build_report, md_table, summary_tables
 from vlm.world.synth.world import synth_dir
 from vlm.world.zoo.catalogue import get_entry, prepare_entry
 
@@ -154,148 +154,15 @@ def step_report(plan: Plan, echo: Callable[[str], None]) -> dict[str, Path]:
     return files
 
 
-# ---------------------------------------------------------------- noise check from per-item predictions
-
-# (task dir, metric name) -> per-item score of a predictions.jsonl record
-ITEM_SCORES: dict[tuple[str, str], Callable[[dict], float]] = {
-    ("synth_fg_mc", "mc_acc"): lambda r: float(r["mc_pred"] == r["mc_answer"]),
-    ("synth_fg_rank", "rank_top1"): lambda r: float(bool(r["likelihood_sum_top1_correct"])),
-    ("synth_fg_rank", "rank_top5"): lambda r: float(bool(r["likelihood_sum_top5_correct"])),
-    ("synth_fg_open", "open_acc"): lambda r: float(bool(r["open_correct"])),
-    ("synth_vqa", "vqa_acc"): lambda r: _vqa(r),
-    ("synth_spec", "spec_acc"): lambda r: float(bool(r["correct"])),
-}
-
-
-def _vqa(r: dict) -> float:
-    return vqa_accuracy(r["prediction"], r["answers"])
-
-
-def item_scores(run_dir: Path) -> dict[str, dict[str, float]]:
-    """metric -> {item id: score} from a run's eval/<task>/predictions.jsonl (metrics whose fields are absent skipped)."""
-    out: dict[str, dict[str, float]] = {}
-    for (task, metric), fn in ITEM_SCORES.items():
-        recs = list(read_jsonl(run_dir / "eval" / task / "predictions.jsonl"))
-        try:
-            scores = {str(r["id"]): fn(r) for r in recs}
-        except KeyError:
-            continue
-        if scores:
-            out[metric] = scores
-    return out
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample sd / sqrt(n)); SE 0 for n < 2."""
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, 0.0
-    var = sum((x - m) ** 2 for x in xs) / (n - 1)
-    return m, (var / n) ** 0.5
-
-
-def paired_effects(points: list[dict[str, Any]], scores: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
-    """For every axis and non-reference level: per-item differences (level − reference) over every pair of
-    points that differ in that axis only, pooled; mean, SE, the number of paired items and of point pairs.
-    The SE is the item-sampling error of the difference (same items in both points), so |mean| > 2 SE is a
-    difference the eval set resolves; training-seed noise comes from `seed_noise`. The seed axis is skipped."""
-    axes = list(points[0]["labels"]) if points else []
-    effects = []
-    for axis in axes:
-        if axis == SEED_AXIS:
-            continue
-        levels = list(dict.fromkeys(p["labels"][axis] for p in points))
-        for level in levels[1:]:
-            for metric in sorted({m for s in scores.values() for m in s}):
-                diffs, pairs = [], 0
-                for p in points:
-                    if p["labels"][axis] != levels[0]:
-                        continue
-                    twin = next((q for q in points if q["labels"][axis] == level and all(
-                        q["labels"][a] == p["labels"][a] for a in axes if a != axis)), None)
-                    a = scores.get(p["id"], {}).get(metric)
-                    b = scores.get(twin["id"], {}).get(metric) if twin else None
-                    if a and b:
-                        diffs += [b[i] - a[i] for i in a if i in b]
-                        pairs += 1
-                if diffs:
-                    m, se = mean_se(diffs)
-                    effects.append({"axis": axis, "level": level, "reference": levels[0], "metric": metric,
-                                    "diff": m, "se": se, "n": len(diffs), "pairs": pairs})
-    return effects
-
-
-def seed_noise(points: list[dict[str, Any]], scores: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
-    """metric -> {"sd", "pairs", "diffs"} from the `seed` axis: for every point trained with another seed than the
-    first, the difference of its mean score from its first-seed twin (same settings otherwise, same items).
-    `sd` is their root mean square: the spread of a difference between two independently trained points that
-    training randomness alone produces. An effect pooled over k point pairs has seed noise sd / sqrt(k)."""
-    if not points or SEED_AXIS not in points[0]["labels"]:
-        return {}
-    first = points[0]["labels"][SEED_AXIS]
-    others = [a for a in points[0]["labels"] if a != SEED_AXIS]
-    out: dict[str, dict[str, Any]] = {}
-    for metric in sorted({m for s in scores.values() for m in s}):
-        diffs = []
-        for p in points:
-            if p["labels"][SEED_AXIS] == first:
-                continue
-            twin = next((q for q in points if q["labels"][SEED_AXIS] == first and all(
-                q["labels"][a] == p["labels"][a] for a in others)), None)
-            a = scores.get(twin["id"], {}).get(metric) if twin else None
-            b = scores.get(p["id"], {}).get(metric)
-            common = [i for i in (a or {}) if i in (b or {})]
-            if common:
-                diffs.append(sum(b[i] - a[i] for i in common) / len(common))
-        if diffs:
-            out[metric] = {"sd": (sum(d * d for d in diffs) / len(diffs)) ** 0.5, "pairs": len(diffs), "diffs": diffs}
-    return out
-
-
-def beyond_noise(effect: dict[str, Any], noise: dict[str, dict[str, Any]]) -> bool:
-    """|Δ| > 2 SE (items) and, when the grid has a seed axis, |Δ| > 2 x the seed noise of the pooled effect."""
-    if effect["se"] <= 0 or abs(effect["diff"]) <= 2 * effect["se"]:
-        return False
-    n = noise.get(effect["metric"])
-    return n is None or abs(effect["diff"]) > 2 * n["sd"] / effect["pairs"] ** 0.5
+# ---------------------------------------------------------------- the summary: the report's statistics
 
 
 def summary_markdown(grid_dir: Path) -> str:
-    """Per-point scores ± SE and paired axis effects ± SE, from the per-item predictions of a grid dir."""
-    plan_file = Path(grid_dir) / "_grid" / "plan.json"
-    if not plan_file.exists():
+    """Every point's scores ± SE, the seed noise, and every axis's paired effects against both noises — the same
+    tables `vlm report` writes (`vlm.report.render.summary_tables`), without the per-dataset detail."""
+    if not (Path(grid_dir) / "_grid" / "plan.json").exists():
         return "no grid plan found; nothing to summarise.\n"
-    points = read_json(plan_file)["points"]
-    scores = {p["id"]: item_scores(Path(grid_dir) / p["id"]) for p in points}
-    metrics = [m for _, m in ITEM_SCORES if any(m in s for s in scores.values())]
-    lines = ["## Demo summary (mean ± standard error over eval items)", "",
-             "| point | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-    for p in points:
-        cells = []
-        for m in metrics:
-            xs = list(scores[p["id"]].get(m, {}).values())
-            cells.append("–" if not xs else "{:.3f} ± {:.3f}".format(*mean_se(xs)))
-        lines.append(f"| {p['id']} | " + " | ".join(cells) + " |")
-    effects = paired_effects(points, scores)
-    noise = seed_noise(points, scores)
-    if noise:
-        lines += ["", "## Seed noise (point trained again with another seed − the same point, same items)", "",
-                  "| metric | per-pair differences | sd of a difference (RMS) | pairs |", "|---|---|---|---|"]
-        for m, n in noise.items():
-            lines.append(f"| {m} | {', '.join(f'{d:+.3f}' for d in n['diffs'])} | {n['sd']:.3f} | {n['pairs']} |")
-    if effects:
-        rule = ("|Δ| > 2 SE over items and > 2 x seed sd / √pairs" if noise else
-                "|Δ| > 2 SE over items; no seed axis, so seed noise is not checked (`vlm demo --seeds 2`)")
-        lines += ["", f"## Paired axis effects (level − reference, same items; * = {rule})", "",
-                  "| axis | level vs reference | metric | Δ | SE | seed noise | items | point pairs |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for e in effects:
-            star = " *" if beyond_noise(e, noise) else ""
-            seed = f"{noise[e['metric']]['sd'] / e['pairs'] ** 0.5:.3f}" if e["metric"] in noise else "–"
-            lines.append(f"| {e['axis']} | {e['level']} vs {e['reference']} | {e['metric']} | "
-                         f"{e['diff']:+.3f}{star} | {e['se']:.3f} | {seed} | {e['n']} | {e['pairs']} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(md_table(t) for t in summary_tables(collect(grid_dir)))
 
 
 def _cpu_s() -> float:
