@@ -297,6 +297,9 @@ def test_the_shipped_set_is_what_we_think() -> None:
 def test_every_shipped_recipe_and_grid_plans(path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["plan", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    if yaml.safe_load(path.read_text()).get("survey"):  # models evaluated as they are: nothing to train or price
+        assert out["points"] == [] and any("survey" in w for w in out["warnings"])
+        return
     assert out["points"]
     for point in out["points"]:
         for st in point["stages"]:

@@ -29,9 +29,11 @@ def _samples(items: list[str]) -> dict[str, int]:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML or grid YAML (with `axes:`)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of a recipe, e.g. distributed.strategy=ddp")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for GPU-hours (default 0.4)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="model FLOPs utilisation assumed for GPU-hours (default 0.4)")
     parser.add_argument("--gpu", choices=sorted(PEAK_FLOPS), default="h100",
-                        help="GPU whose dense peak (bf16/fp16, or TF32 for fp32 stages) prices the FLOPs (default h100)")
+                        help="GPU whose dense peak (bf16/fp16, or TF32 for fp32 stages) prices the FLOPs "
+                             "(default h100)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per GPU (overrides --gpu)")
     parser.add_argument("--gpus", type=int, default=None,
                         help="processes (GPUs) per run; default: distributed.num_processes, else the grid's "
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"vlm plan: --peak-tflops must be positive, got {args.peak_tflops}.")
     if args.text_tokens is not None and args.text_tokens < 1:
         raise UserError(f"vlm plan: --text-tokens must be >= 1, got {args.text_tokens}.")
-    settings = Settings(mfu=args.mfu, gpu=args.gpu, peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12,
+    peak = None if args.peak_tflops is None else args.peak_tflops * 1e12
+    settings = Settings(mfu=args.mfu, gpu=args.gpu, peak_flops=peak,
                         processes=args.gpus, samples=_samples(args.samples), text_tokens=args.text_tokens)
     plans, warnings, title = plan_target(args.recipe, args.overrides, settings)
     if args.json:

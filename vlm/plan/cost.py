@@ -8,7 +8,8 @@ its shape and whether autograd will need its input gradient and its weight gradi
 saves what a fused (flash / memory-efficient) kernel saves. The formula (docs/plan.md):
 
     forward   F = Σ_matmul 2·M  +  Σ_attention 4·B·H·Lq·Lk·d          (M: multiply-adds of the call)
-    backward  Σ_matmul 2·M·([input needs grad] + [weight trained])  +  Σ_attention 10·B·H·Lq·Lk·d·[q/k/v need grad]
+    backward  Σ_matmul 2·M·([input needs grad] + [weight trained])
+              + Σ_attention 10·B·H·Lq·Lk·d·[q/k/v need grad]
     recompute (gradient checkpointing): the forward of every checkpointed layer that backward passes through,
               but its last matmul (torch's checkpoint stops recomputing once the saved tensors are back)
 
@@ -139,7 +140,8 @@ def _one_unpadded_sequence() -> Iterator[None]:
 def _patched_sdpa(trace: Trace, current: list[str | None]) -> Iterator[None]:
     original = torch.nn.functional.scaled_dot_product_attention
 
-    def stand_in(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def stand_in(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
         lq, d = query.shape[-2], query.shape[-1]
         heads = query.numel() // (lq * d)  # batch x query heads
         lk, dv = key.shape[-2], value.shape[-1]
@@ -232,7 +234,8 @@ def trace_sample(vlm: Any, max_length: int, compute_dtype: torch.dtype, text_tok
             if p.is_floating_point():
                 p.data = p.data.to(compute_dtype)
         params.update(_storage_key(t) for t in (*vlm.parameters(), *vlm.buffers()))
-        with _patched_sdpa(trace, current), _one_unpadded_sequence(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _patched_sdpa(trace, current), _one_unpadded_sequence(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = _forward_one(vlm, max_length, trace, text_tokens)
         _keep_what_backward_reaches(trace, loss, packed, block_nodes)
     finally:

@@ -29,6 +29,8 @@ from typing import Any
 
 from torch import nn
 
+from vlm.plan.cost import checkpoint_blocks
+
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 OPTIM_STATE_BYTES = {"adamw": 8, "sgd": 4}
 
@@ -55,8 +57,6 @@ class Memory:
 
 def _unit_params(vlm: nn.Module) -> tuple[int, int]:
     """(parameters outside any transformer block, parameters of the largest block): the FSDP/ZeRO-3 units."""
-    from vlm.plan.cost import checkpoint_blocks
-
     blocks = checkpoint_blocks(vlm)
     in_blocks = {id(p) for b in blocks.values() for p in b.parameters()}
     root = sum(p.numel() for p in vlm.parameters() if id(p) not in in_blocks)

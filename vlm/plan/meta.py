@@ -25,6 +25,9 @@ from typing import Any, Mapping
 import torch
 
 from vlm.errors import UserError
+from vlm.model import build_vlm
+from vlm.model.llm import IMAGE_TOKEN, load_tokenizer
+from vlm.world.zoo.catalogue import cache_dir, entry_status, get_entry
 
 HF_CONFIGS = Path(__file__).resolve().parent / "hf_configs"
 _DROP = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "auto_map"}
@@ -46,8 +49,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _zoo_dir(spec: str) -> Path | None:
     """The prepared zoo entry's dir, or None when it is not prepared here."""
-    from vlm.world.zoo.catalogue import cache_dir, entry_status, get_entry
-
     name = spec.split(":", 1)[1]
     entry = get_entry(name)
     return cache_dir() / name if entry_status(entry) == "ready" else None
@@ -130,8 +131,6 @@ def _tokenizer_rows(spec: str) -> int | None:
     the tokenizer is not on this machine."""
     if not spec.startswith("builtin:") and not Path(spec).expanduser().is_dir():
         return None
-    from vlm.model.llm import IMAGE_TOKEN, load_tokenizer
-
     tok = load_tokenizer(spec)
     return len(tok) + (0 if IMAGE_TOKEN in tok.get_vocab() else 1)
 
@@ -165,7 +164,5 @@ def meta_model_cfg(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_meta_vlm(model_cfg: Mapping[str, Any]) -> Any:
     """The recipe's VLM with every parameter on the meta device, built by the training's `build_vlm`."""
-    from vlm.model import build_vlm
-
     with torch.device("meta"):
         return build_vlm(meta_model_cfg(model_cfg))

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from vlm.data.datasets import total_steps
 from vlm.errors import UserError
+from vlm.grid.points import _override_strings, gpus_of
+from vlm.grid.spec import load_grid
 from vlm.plan.cost import DTYPE_BYTES, PRECISION_DTYPE, checkpoint_blocks, trace_sample
 from vlm.plan.memory import memory_per_gpu
+from vlm.plan.meta import build_meta_vlm
+from vlm.recipe.freeze import MODULES, apply_policy, has_lora, merge_lora, module_of
+from vlm.recipe.keys import stage_keys
+from vlm.recipe.schema import compose, enabled_stages, plain, validate
+from vlm.train.steps import _checkpointable
+from vlm.world.synth.world import synth_dir
 
 # Dense bf16/fp16 and TF32 tensor-core peaks (FLOP/s) of SXM parts, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -24,7 +36,8 @@ PEAK_FLOPS = {
 KNOWN_SAMPLES: dict[str, tuple[int, str]] = {
     "hf://liuhaotian/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json": (558_128, "LLaVA-1.5 paper / LLaVA-Pretrain card"),
     "hf://liuhaotian/LLaVA-Instruct-150K/llava_v1_5_mix665k.json": (665_298, "LLaVA-1.5 paper / LLaVA repo"),
-    "hf://Lin-Chen/ShareGPT4V/share-captioner_coco_lcs_sam_1246k_1107.json": (1_246_000, "approx.: the file name's 1246k"),
+    "hf://Lin-Chen/ShareGPT4V/share-captioner_coco_lcs_sam_1246k_1107.json":
+        (1_246_000, "approx.: the file name's 1246k"),
     "hf://Lin-Chen/ShareGPT4V/sharegpt4v_instruct_gpt4-vision_cap100k.json": (100_000, "approx.: the file name's 100k"),
 }
 
@@ -76,25 +89,22 @@ class Settings:
 
 
 class _Memo:
-    """Grid points share models and stage settings: build each meta model and trace each stage once."""
+    """Points share models and stage settings: each meta model is built, and each stage traced, once per process
+    (a meta model holds no storage; `apply_policy` resets every `requires_grad` and LoRA is merged after each
+    stage, so a cached model is reused safely)."""
 
     def __init__(self) -> None:
         self.models: dict[str, Any] = {}
         self.traces: dict[tuple, Any] = {}
 
     def model(self, model_cfg: Mapping[str, Any]) -> Any:
-        from vlm.plan.meta import build_meta_vlm
-
         key = json.dumps(model_cfg, sort_keys=True, default=str)
         if key not in self.models:
             self.models[key] = build_meta_vlm(model_cfg)
         return self.models[key]
 
 
-def _plain(x: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
+MEMO = _Memo()
 
 
 def _count_file(path: Path) -> int:
@@ -113,8 +123,6 @@ def dataset_samples(name: str, ds: Mapping[str, Any], settings: Settings) -> tup
         return settings.samples[name], "--samples"
     path = ds.get("path")
     if ds["type"] == "synth":
-        from vlm.data.datasets import synth_dir
-
         f = synth_dir(ds) / ds["file"]
         return (_count_file(f), "synth world") if f.is_file() else (None, f"synth world has no {ds['file']}")
     if ds["type"] == "llava" and path:
@@ -129,8 +137,6 @@ def dataset_samples(name: str, ds: Mapping[str, Any], settings: Settings) -> tup
 def _stage_samples(cfg: Mapping[str, Any], st: Mapping[str, Any], gbs: int, settings: Settings
                    ) -> tuple[int | None, int | None, str]:
     """(optimizer steps, samples seen, source) as the trainer computes them (`total_steps`)."""
-    from vlm.data.datasets import total_steps
-
     if st["max_steps"] is not None:
         return int(st["max_steps"]), int(st["max_steps"]) * gbs, "max_steps"
     n, sources = 0, []
@@ -140,24 +146,27 @@ def _stage_samples(cfg: Mapping[str, Any], st: Mapping[str, Any], gbs: int, sett
             return None, None, f"{item['dataset']}: {source}"
         if item["max_samples"] is not None:
             count = min(count, int(item["max_samples"]))
-        n += int(math.floor(count * float(item["weight"])) if item["weight"] >= 1 else round(count * float(item["weight"])))
+        whole, frac = divmod(float(item["weight"]), 1.0)  # as build_mixture repeats / subsamples
+        n += count * int(whole) + round(frac * count)
         sources.append(f"{item['dataset']}: {source}")
     steps = total_steps(n, gbs, float(st["epochs"]), None)
     return steps, steps * gbs, "; ".join(sources)
 
 
 def _checkpointed(vlm: Any, st: Mapping[str, Any]) -> set[str]:
-    """Blocks HF gradient checkpointing recomputes in this stage, as the trainer enables it: the LLM's layers and a
-    trained HF vision backbone's, and only in modules in train mode (a frozen module runs in eval mode)."""
+    """Blocks gradient checkpointing recomputes in this stage: the layers of the models the trainer checkpoints
+    (`vlm.train.steps._checkpointable`) that run in train mode (HF checkpoints a layer only while training, and a
+    frozen module runs in eval mode)."""
     if not st["gradient_checkpointing"]:
         return set()
-    modes = {m: st["freeze"][m]["mode"] for m in ("vision", "llm")}
-    out = set()
-    if modes["llm"] != "frozen":
-        out |= {f"language_model.{n}" for n in checkpoint_blocks(vlm.language_model)}
-    backbone = getattr(vlm.encoder, "model", None)
-    if modes["vision"] != "frozen" and getattr(backbone, "supports_gradient_checkpointing", False):
-        out |= {f"encoder.model.{n}" for n in checkpoint_blocks(backbone)}
+    names = {id(m): n for n, m in vlm.named_modules()}
+    modes = {id(module_of(vlm, m)): st["freeze"][m]["mode"] for m in MODULES}
+    out: set[str] = set()
+    for model in _checkpointable(vlm, st):
+        owner = next((modes[id(module_of(vlm, m))] for m in MODULES
+                      if any(x is model for x in module_of(vlm, m).modules())), "frozen")
+        if owner != "frozen":
+            out |= {f"{names[id(model)]}.{n}" for n in checkpoint_blocks(model)}
     return out
 
 
@@ -169,14 +178,10 @@ def plan_config(cfg: Mapping[str, Any], settings: Settings, *, point_id: str = "
                 labels: Mapping[str, str] | None = None, default_processes: int = 1, memo: _Memo | None = None
                 ) -> PointPlan:
     """Plan every enabled stage of one resolved recipe (a plain dict)."""
-    from vlm.recipe.freeze import MODULES, apply_policy, has_lora, merge_lora, module_of
-    from vlm.recipe.keys import stage_keys
-    from vlm.recipe.schema import enabled_stages
-
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     strategy = cfg["distributed"]["strategy"]
     procs = int(settings.processes or cfg["distributed"].get("num_processes") or default_processes or 1)
-    memo = memo or _Memo()
+    memo = memo or MEMO
     vlm = memo.model(cfg["model"])
     model_key = json.dumps(cfg["model"], sort_keys=True, default=str)
     names = enabled_stages(cfg)
@@ -187,42 +192,42 @@ def plan_config(cfg: Mapping[str, Any], settings: Settings, *, point_id: str = "
         st = cfg["stages"][name]
         with torch.device("meta"):
             apply_policy(vlm, st["freeze"], st["optim"], f"stages.{name}.freeze")
-        dtype = PRECISION_DTYPE[st["precision"]]
-        length = int(st["max_length"])
-        tkey = (model_key, json.dumps(st["freeze"], sort_keys=True), length, st["precision"], settings.text_tokens)
-        if tkey not in memo.traces:
-            memo.traces[tkey] = trace_sample(vlm, length, dtype, text_tokens=settings.text_tokens)
-        trace = memo.traces[tkey]
-        ck = _checkpointed(vlm, st)
-        batch = int(st["batch_size"])
-        mem = memory_per_gpu(vlm, batch * trace.saved_bytes(ck), strategy=strategy, processes=procs,
-                             compute_bytes=DTYPE_BYTES[dtype], optimizer=st["optim"]["name"],
-                             logits_grad_bytes=batch * trace.logits_bytes)
-        gbs = batch * int(st["grad_accum"]) * procs
-        steps, samples, source = _stage_samples(cfg, st, gbs, settings)
-        fwd, bwd = float(trace.forward_flops()), float(trace.backward_flops())
-        peak = settings.peak_flops or PEAK_FLOPS[settings.gpu][st["precision"]]
-        hours = None if samples is None else samples * (fwd + bwd) / (settings.mfu * peak) / 3600.0
-        by_module = {m: sum(p.numel() for p in module_of(vlm, m).parameters() if p.requires_grad) for m in MODULES}
-        plan.stages.append(StagePlan(
-            stage=name, params_total=sum(p.numel() for p in vlm.parameters()),
-            params_trainable=sum(by_module.values()), trainable_by_module=by_module,
-            modes={m: _mode_label(st["freeze"][m]) for m in MODULES}, image_tokens=trace.image_tokens,
-            seq_len=trace.image_tokens + trace.labelled_tokens, flops_forward=fwd, flops_backward=bwd,
-            flops_recompute=float(trace.recompute_flops(ck)), memory=mem.as_dict(), batch_per_gpu=batch,
-            global_batch=gbs, steps=steps, samples=samples, samples_source=source, gpu_hours=hours, stage_key=key))
-        with torch.device("meta"):
-            for m in MODULES:  # later stages start from a plain model, as in training
-                if has_lora(module_of(vlm, m)):
-                    merge_lora(module_of(vlm, m))
+        try:
+            dtype = PRECISION_DTYPE[st["precision"]]
+            length = int(st["max_length"])
+            tkey = (model_key, json.dumps(st["freeze"], sort_keys=True), length, st["precision"], settings.text_tokens)
+            if tkey not in memo.traces:
+                memo.traces[tkey] = trace_sample(vlm, length, dtype, text_tokens=settings.text_tokens)
+            trace = memo.traces[tkey]
+            ck = _checkpointed(vlm, st)
+            batch = int(st["batch_size"])
+            mem = memory_per_gpu(vlm, batch * trace.saved_bytes(ck), strategy=strategy, processes=procs,
+                                 compute_bytes=DTYPE_BYTES[dtype], optimizer=st["optim"]["name"],
+                                 logits_grad_bytes=batch * trace.logits_bytes)
+            gbs = batch * int(st["grad_accum"]) * procs
+            steps, samples, source = _stage_samples(cfg, st, gbs, settings)
+            fwd, bwd = float(trace.forward_flops()), float(trace.backward_flops())
+            peak = settings.peak_flops or PEAK_FLOPS[settings.gpu][st["precision"]]
+            hours = None if samples is None else samples * (fwd + bwd) / (settings.mfu * peak) / 3600.0
+            by_module = {m: sum(p.numel() for p in module_of(vlm, m).parameters() if p.requires_grad) for m in MODULES}
+            plan.stages.append(StagePlan(
+                stage=name, params_total=sum(p.numel() for p in vlm.parameters()),
+                params_trainable=sum(by_module.values()), trainable_by_module=by_module,
+                modes={m: _mode_label(st["freeze"][m]) for m in MODULES}, image_tokens=trace.image_tokens,
+                seq_len=trace.image_tokens + trace.labelled_tokens, flops_forward=fwd, flops_backward=bwd,
+                flops_recompute=float(trace.recompute_flops(ck)), memory=mem.as_dict(), batch_per_gpu=batch,
+                global_batch=gbs, steps=steps, samples=samples, samples_source=source, gpu_hours=hours, stage_key=key))
+        finally:
+            with torch.device("meta"):
+                for m in MODULES:  # later stages start from a plain model, as in training
+                    if has_lora(module_of(vlm, m)):
+                        merge_lora(module_of(vlm, m))
     return plan
 
 
 # --------------------------------------------------------------------------- recipes and grids
 def load_plain_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Compose and schema-check a recipe without requiring its data files (plan reads no data)."""
-    from vlm.recipe.schema import compose, validate
-
     return validate(compose(path, overrides), str(path), check_files=False)
 
 
@@ -237,7 +242,8 @@ def is_grid_file(path: Path) -> bool:
     return isinstance(body, dict) and "axes" in body
 
 
-def plan_target(path: str | Path, overrides: Sequence[str], settings: Settings) -> tuple[list[PointPlan], list[str], str]:
+def plan_target(path: str | Path, overrides: Sequence[str], settings: Settings
+                ) -> tuple[list[PointPlan], list[str], str]:
     """(point plans, warnings, title) for a recipe or a grid file."""
     path = Path(path)
     if not path.is_file():
@@ -245,13 +251,15 @@ def plan_target(path: str | Path, overrides: Sequence[str], settings: Settings) 
     if not is_grid_file(path):
         cfg = load_plain_recipe(path, overrides)
         return [plan_config(cfg, settings, point_id=path.stem)], [], f"recipe {path}"
-    from vlm.grid.points import _override_strings, gpus_of
-    from vlm.grid.spec import load_grid
-
     if overrides:
         raise UserError("vlm plan: key=value overrides apply to a recipe; for a grid, put them under `set:`.")
     grid = load_grid(path)
-    plans, memo = [], _Memo()
+    if grid.survey is not None:  # vlm.grid.survey: models evaluated as they are; no stage to price
+        n = len(grid.points())
+        return [], [f"survey grid: {n} models evaluated on {len(grid.survey['tasks'])} tasks, nothing trained; "
+                    "plan prices training, so there is nothing to price"], \
+            f"survey {grid.name}: {n} models, no training"
+    plans, memo = [], MEMO
     for point in grid.points():
         try:
             cfg = load_plain_recipe(grid.base, _override_strings(point.overrides))
@@ -326,12 +334,8 @@ def _h(x: float | None) -> str:
     return f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
 
 
-def print_plan(plans: Sequence[PointPlan], warnings: Sequence[str], settings: Settings, title: str, out: Any = None) -> None:
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
+def print_plan(plans: Sequence[PointPlan], warnings: Sequence[str], settings: Settings, title: str,
+               out: Any = None) -> None:
     console = Console(file=out or sys.stdout, width=200)
     peak = "peak " + (f"{settings.peak_flops / 1e12:.0f} TFLOP/s" if settings.peak_flops else settings.gpu.upper())
     table = Table(title=f"vlm plan — {title} (MFU {settings.mfu:g}, {peak})", show_lines=False)
