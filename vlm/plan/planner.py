@@ -254,7 +254,7 @@ def plan_target(path: str | Path, overrides: Sequence[str], settings: Settings
     if overrides:
         raise UserError("vlm plan: key=value overrides apply to a recipe; for a grid, put them under `set:`.")
     grid = load_grid(path)
-    if grid.survey is not None:  # vlm.grid.survey: models evaluated as they are; no stage to price
+    if getattr(grid, "survey", None) is not None:  # vlm.grid.survey: models evaluated as they are; no stage to price
         n = len(grid.points())
         return [], [f"survey grid: {n} models evaluated on {len(grid.survey['tasks'])} tasks, nothing trained; "
                     "plan prices training, so there is nothing to price"], \
