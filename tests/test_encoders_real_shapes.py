@@ -5,12 +5,16 @@ Tiny random configs of the real architectures; the pixel sizes are the real ones
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 
 from encoders import build_encoder
 from vlm.errors import UserError
+from vlm.plan.meta import meta_encoder_cfg
+from vlm.recipe.schema import read_yaml
 
 TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
 FAMILIES = {  # family → (encoder type, extra config kwargs, number of prefix tokens)
@@ -110,3 +114,16 @@ def test_fused_pair_at_real_sizes():
         out = e(px)
         torch.testing.assert_close(out, torch.cat([e.encoders[0](px["enc0"]), e.encoders[1](px["enc1"])], -1))
     assert out.shape == (1, 729, 32)
+
+
+def test_research_grid_encoders_build_with_hf_token_counts():
+    """Every encoder of recipes/grids/fine_grained_knowledge.yaml, from the real configs `vlm plan` stores, built
+    on the meta device: SigLIP-so400m-384 and DINOv2-L at 384 px give HF's 27 x 27 (were refused)."""
+    grid = read_yaml(Path(__file__).resolve().parents[1] / "recipes" / "grids" / "fine_grained_knowledge.yaml", "grid")
+    expected = {"clip-l336": (576, 1024), "siglip": (729, 1152), "dinov2-l": (576, 1024), "dinosiglip": (729, 2176)}
+    values = grid["axes"]["enc"]["values"]
+    assert set(values) == set(expected)
+    for name, cfg in values.items():
+        with torch.device("meta"):
+            e = build_encoder(meta_encoder_cfg(cfg))
+        assert (e.num_tokens, e.hidden_size) == expected[name], name
