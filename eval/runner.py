@@ -33,7 +33,8 @@ def resolve_task(spec: str | dict[str, Any], _seen: tuple[str, ...] = ()) -> dic
     """A task spec → its full config dict (recipe names looked up in recipes/eval/).
 
     A task file may itself be `{recipe: <name>, <overrides>}` (e.g. `{recipe: pets, hf: /local/dir}`): it is
-    resolved like the same dict given inline, the file's keys overriding the recipe's.
+    resolved like the same dict given inline, the file's keys overriding the recipe's. A spec with another `type`
+    than its recipe's takes from the recipe only the keys its own type accepts (a probe on a classification set).
     """
     if isinstance(spec, str):
         spec = {"recipe": spec}
@@ -54,6 +55,12 @@ def resolve_task(spec: str | dict[str, Any], _seen: tuple[str, ...] = ()) -> dic
         if "recipe" in base:
             base = resolve_task(base, (*_seen, key))
         base.setdefault("name", path.stem)
+        if "type" in spec and spec["type"] != base.get("type"):
+            # another task on the recipe's data (`{recipe: flowers102, type: linear_probe}`): the recipe's keys the
+            # new type does not take (its protocol settings) stay behind; the spec's own keys are all checked
+            schema = getattr(TASKS.get(spec["type"]), "config_schema", None)
+            if schema is not None:
+                base = {k: v for k, v in base.items() if k in schema()}
         spec = {**base, **spec}
     if "type" not in spec:
         raise UserError(f"eval task {spec!r} has no 'type'; name a recipe or give `type:`.")

@@ -250,3 +250,15 @@ def test_local_executor_honours_num_processes(tmp_path, recipe):
         worlds = {json.loads(p.read_text())["world"] for p in (out / pid).glob("rank*.json")}
         assert ranks == ["0", "1"] and worlds == {"2"}
 
+
+
+def test_a_task_on_another_tasks_recipe_takes_only_its_own_keys():
+    """`{recipe: flowers102, type: linear_probe}` (the research grid) reuses the classification recipe's data keys;
+    its protocol settings stay behind, while the spec's own keys are still checked."""
+    from eval.runner import resolve_task
+
+    cfg = resolve_task({"recipe": "flowers102", "type": "linear_probe", "name": "p", "train_split": "train"})
+    assert cfg["type"] == "linear_probe" and "protocols" not in cfg and cfg["hf"]
+    check_tasks([cfg])
+    with pytest.raises(UserError, match=r"eval\.tasks\[0\]\.protocols"):
+        check_tasks([{"recipe": "flowers102", "type": "linear_probe", "name": "p", "protocols": ["mc"]}])
