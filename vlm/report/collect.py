@@ -68,12 +68,17 @@ PROTOCOL_METRICS = {"mc": "mc_acc", "mc_generate": "mc_gen_acc", "open": "open_a
 
 
 def _task_sources(run_dir: Path) -> dict[str, str]:
-    """Task name -> its data source (hf id or path), from the run's recipe, to pair probes with VLM tasks."""
+    """Task name -> its data source (hf id or path), to pair probes with VLM tasks: from the config each task
+    saved beside its predictions (`eval/<task>/task.json`; a survey point has no recipe), then the run's recipe."""
+    out = {}
+    for path in sorted((run_dir / "eval").glob("*/task.json")):
+        cfg = read_json(path).get("config") or {}
+        if cfg.get("name"):
+            out[str(cfg["name"])] = str(cfg.get("hf") or cfg.get("path") or cfg["name"])
     recipe = run_dir / "recipe.yaml"
     if not recipe.exists():
-        return {}
+        return out
     specs = ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("eval") or {}).get("tasks") or []
-    out = {}
     for spec in specs:
         try:
             cfg = resolve_task(spec)
