@@ -5,7 +5,6 @@ recipe fails at build time with a message instead of deep inside a forward pass.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from encoders.base import SELECT_TOKENS
+from vlm import config
 from vlm.config import DTYPES
 from vlm.errors import UserError
 from vlm.world.zoo.catalogue import maybe_resolve
@@ -25,14 +25,11 @@ COMMON_KEYS = frozenset({
 
 
 def check_keys(cfg: Mapping[str, Any], allowed: Iterable[str], family: str) -> None:
-    """Reject unknown keys (a typo would otherwise be ignored silently)."""
-    allowed = set(allowed)
-    for key in cfg:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"encoder '{family}': unknown config key {key!r}.{hint} "
-                            f"Known keys: {', '.join(sorted(allowed))}.")
+    """Reject unknown keys (a typo would otherwise be ignored silently), through `vlm.config.check_keys`."""
+    try:
+        config.check_keys(cfg, sorted(allowed), "")
+    except UserError as e:
+        raise UserError(f"encoder '{family}': {e}") from None
 
 
 def resolve_path(path: Any, family: str) -> str | None:
