@@ -187,7 +187,7 @@ def test_zoo_path_is_resolved_through_vlm_zoo(tmp_path, monkeypatch):
     ({"resize": "squash"}, "resize"),
     ({"mean": [0.5, 0.5]}, "mean"),
     ({"dtype": "float8"}, "dtype"),
-    ({"select_layers": -2}, "did you mean 'select_layer'"),
+    ({"select_layers": -2}, r"unknown key select_layers\. did you mean select_layer\?"),
 ])
 def test_bad_configs_are_user_errors(extra, match):
     with pytest.raises(UserError, match=f"(?i){match}"):
