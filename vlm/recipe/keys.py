@@ -8,9 +8,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlm.recipe.schema import enabled_stages
+from vlm.recipe.schema import enabled_stages, plain
 
 _NOT_IN_KEY = ("enabled", "save_every", "feature_cache")
 
@@ -39,7 +39,7 @@ def stage_keys(cfg: DictConfig | dict) -> list[str]:
     """One key per enabled stage: a hash of the model, the stage, its data, the seed, the process layout
     (`distributed.num_processes`, null = 1, so the global batch, and the strategy) and the previous key.
     `vlm train` writes the process count it was started with into the run's recipe."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    c = plain(cfg)
     keys, prev = [], None
     world = int(c["distributed"]["num_processes"] or 1)
     for name in enabled_stages(c):
