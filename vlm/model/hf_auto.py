@@ -102,7 +102,7 @@ class HFAutoVLM:
                                       getattr(self.tokenizer, "chat_template", None))
         # what the eval tasks may read besides generate/score: `llm.tokenizer`, `llm.model` (option mining)
         self.llm = SimpleNamespace(tokenizer=self.tokenizer, model=model)
-        self.template_takes_parts = True
+        self.template_takes_parts = True  # set by _image_text
         self.image_text = self._image_text()
         self._warned_no_template = False
 
@@ -111,22 +111,24 @@ class HFAutoVLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _image_text(self) -> str:
-        """The text one image part becomes in the chat template (e.g. Qwen2-VL's vision_start/pad/end), else
-        the processor's image token. Found by rendering an image between two markers."""
-        token = getattr(self.processor, "image_token", None) or IMAGE
-        if not self.has_chat_template:
-            return token
+    def _render_probe(self) -> str | None:
+        """The chat template's rendering of [text "@@A@@", image, text "@@B@@"]; None for a template written for
+        plain-string content only (it fails on a parts list, or prints it)."""
         msg = [{"role": "user", "content": [{"type": "text", "text": "@@A@@"}, {"type": "image"},
                                             {"type": "text", "text": "@@B@@"}]}]
         try:
             text = self.processor.apply_chat_template(msg, tokenize=False)
-        except (TypeError, ValueError, jinja2.TemplateError):  # e.g. 'USER: ' + content with list content
-            text = "'type'"
-        if "'type'" in text:  # a template for plain-string content only; `render` refuses to use it
-            self.template_takes_parts = False
-            return token
-        if "@@A@@" in text and "@@B@@" in text:
+        except (TypeError, ValueError, jinja2.TemplateError):  # e.g. 'USER: ' + content
+            return None
+        return None if "'type'" in text else text
+
+    def _image_text(self) -> str:
+        """The text one image part becomes in the chat template (e.g. Qwen2-VL's vision_start/pad/end, found
+        between the probe's markers), else the processor's image token."""
+        token = getattr(self.processor, "image_token", None) or IMAGE
+        text = self._render_probe() if self.has_chat_template else None
+        self.template_takes_parts = text is not None or not self.has_chat_template
+        if text and "@@A@@" in text and "@@B@@" in text:
             between = text[text.index("@@A@@") + 5:text.index("@@B@@")].strip()
             if token in between:
                 return between
