@@ -11,14 +11,18 @@ coco/train2017/) is read by both sides:
   `build_mixture` + `TrainSet` (tokenise, expand image tokens, decode the image, CLIP-336 transform in the
   worker) with the same tokenizer (SmolLM2-135M's, from the offline zoo) and the vicuna_v1 template.
 
-Measured: time to the first batch (a fresh process per side: reading the data + DataLoader start), RSS of the
-rank, USS (private memory) of each worker after its first batch and at its highest during a full pass over every
-row (sampled every 2,000 batches), samples/s per worker,
-tokenising time per sample, and the CPU cost of the CLIP-336 transform of a 640x480 JPEG. The full pass touches
-every row (what makes forked workers copy Python objects) but preprocesses only every `--stride`-th row, so it
-finishes on a small machine; samples/s is measured on full preprocessing.
+Measured, each side in a fresh process: the imports (torch, transformers, vlm) and the tokenizer load apart (the
+same for both), then the
+time to the first batch (reading the data + DataLoader start), the rank's RSS, each worker's USS (private memory)
+after its first batch and at its highest during a full pass over every row (sampled every 2,000 batches; the pass
+touches every row, which is what makes forked workers copy Python objects, but preprocesses only every
+`--stride`-th row so it finishes on a small machine). Ours runs twice: cold (builds the table) and warm. Then, in
+one process with both sides alternating: samples/s of full preprocessing per worker (on a 20K-row mix of the same
+generator); tokenising time per sample; the CPU cost of decoding a 640x480 JPEG + the CLIP-336 transform; and
+from `vlm plan`'s FLOPs per sample of LLaVA-1.5 stage 2 (at the mix's mean text length), the samples/s an H100
+consumes and the workers that feed it.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--rows 665000] [--workers 2] [--stride 100]
+    .venv/bin/python benchmarks/data_pipeline.py [--rows 665000] [--workers 2] [--stride 100] [--reps 4]
 
 Last line: `RATIO first_batch_llava_over_ours=... worker_growth_mib_llava=... worker_growth_mib_ours=...`.
 """
@@ -198,8 +202,8 @@ def _rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def build(side: str, path: Path, stride: int, cache: Path) -> Any:
-    tok, tf = tokenizer(), clip_transform()
+def build(side: str, path: Path, stride: int, cache: Path, tok: Any = None, tf: Any = None) -> Any:
+    tok, tf = tok or tokenizer(), tf or clip_transform()
     if side == "llava":
         return LlavaLazyDataset(path, path.parent, tok, tf, stride)
     from vlm.data.datasets import TrainSet, build_mixture, load_source
@@ -213,11 +217,19 @@ def build(side: str, path: Path, stride: int, cache: Path) -> Any:
 
 
 def run_side(args: argparse.Namespace) -> None:
+    t_start = time.perf_counter()
     import torch
+    import transformers  # noqa: F401 - both sides need it (the tokenizer); imports are timed apart
+
+    import vlm.data.datasets  # noqa: F401
+    import vlm.model.chat  # noqa: F401
 
     torch.set_num_threads(1)
+    tok, tf = tokenizer(), clip_transform()  # the trainer has its tokenizer before it reads data
+    t_import = time.perf_counter() - t_start
+    rss_import = _rss_mib(os.getpid())
     t0 = time.perf_counter()
-    ds = build(args.side, Path(args.path), args.stride, Path(args.cache))
+    ds = build(args.side, Path(args.path), args.stride, Path(args.cache), tok, tf)
     t_read = time.perf_counter() - t0
     gc.collect()
     rss_rank = _rss_mib(os.getpid())
@@ -238,19 +250,37 @@ def run_side(args: argparse.Namespace) -> None:
             rss1 = [max(a, _rss_mib(p)) for a, p in zip(rss1, pids)]
     t_pass = time.perf_counter() - t1
     del it
-    # samples/s of full preprocessing in one process (= one worker's rate)
-    inner = ds.ds if isinstance(ds, OursStrided) else ds
-    if isinstance(ds, LlavaLazyDataset):
-        ds.stride = 1
-    idx = random.Random(1).sample(range(len(inner)), args.samples)
-    t2 = time.perf_counter()
-    for i in idx:
-        inner[i]
-    per_worker = args.samples / (time.perf_counter() - t2)
-    print(json.dumps({"side": args.side, "rows": len(inner), "read_s": t_read, "first_batch_s": t_first,
-                      "rss_rank_mib": rss_rank, "worker_uss_start_mib": uss0, "worker_uss_end_mib": uss1,
-                      "worker_rss_start_mib": rss0, "worker_rss_end_mib": rss1, "pass_s": t_pass, "pass_rows": n,
-                      "samples_per_s_per_worker": per_worker}))
+    print(json.dumps({"side": args.side, "rows": len(ds), "import_s": t_import, "rss_after_imports_mib": rss_import,
+                      "read_s": t_read, "first_batch_s": t_first, "rss_rank_mib": rss_rank,
+                      "worker_uss_start_mib": uss0, "worker_uss_end_mib": uss1, "worker_rss_start_mib": rss0,
+                      "worker_rss_end_mib": rss1, "pass_s": t_pass, "pass_rows": n}))
+
+
+def per_worker_rates(out: Path, reps: int, n: int) -> dict[str, Any]:
+    """Samples/s of full preprocessing in one process (= one worker's rate), both sides alternating on a 20K-row
+    mix of the same generator (the rate does not depend on the row count); medians of wall and CPU time."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(1)
+    path = make_mix(out, 20_000)
+    sides = {s: build(s, path, 1, out / "table_cache") for s in ("ours", "llava")}
+    inner = {s: (d.ds if isinstance(d, OursStrided) else d) for s, d in sides.items()}
+    rng = random.Random(1)
+    wall: dict[str, list[float]] = {s: [] for s in sides}
+    cpu: dict[str, list[float]] = {s: [] for s in sides}
+    for r in range(reps + 1):
+        idx = rng.sample(range(20_000), n)
+        for s in (("ours", "llava") if r % 2 else ("llava", "ours")):
+            t, c = time.perf_counter(), time.process_time()
+            for i in idx:
+                inner[s][i]
+            if r:  # the first round warms both up
+                wall[s].append(n / (time.perf_counter() - t))
+                cpu[s].append(n / (time.process_time() - c))
+    return {s: {"samples_per_s_wall": statistics.median(wall[s]), "samples_per_s_cpu": statistics.median(cpu[s]),
+                "min": min(wall[s]), "max": max(wall[s])} for s in sides}
 
 
 def tokenize_cost(path: Path, n: int) -> dict[str, float]:
@@ -265,11 +295,31 @@ def tokenize_cost(path: Path, n: int) -> dict[str, float]:
         if len(convs) >= n:
             break
     tokenize_conversation(tok, convs[0], sample_id="warm", chat_template="vicuna_v1")
-    t = time.perf_counter()
-    for k, m in enumerate(convs):
-        tokenize_conversation(tok, m, sample_id=k, chat_template="vicuna_v1")
+    t, c = time.perf_counter(), time.process_time()
+    ids = [tokenize_conversation(tok, m, sample_id=k, chat_template="vicuna_v1")[0] for k, m in enumerate(convs)]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    lens = [len(x) - x.count(image_id) for x in ids]
     return {"tokenize_ms_per_sample": 1000 * (time.perf_counter() - t) / len(convs),
-            "turns_per_sample": sum(len(c) for c in convs) / len(convs)}
+            "tokenize_cpu_ms_per_sample": 1000 * (time.process_time() - c) / len(convs),
+            "turns_per_sample": sum(len(c) for c in convs) / len(convs), "text_tokens_per_sample": sum(lens) / len(lens)}
+
+
+def h100_workers(text_tokens: int, per_worker: float, out: Path) -> dict[str, Any]:
+    """Samples/s one H100 consumes in LLaVA-1.5 stage 2 (`vlm plan`'s FLOPs per sample at its default 40% MFU of
+    the bf16 dense peak) and the data workers that keep it fed at `per_worker` samples/s each."""
+    import math
+
+    from vlm.plan.planner import PEAK_FLOPS, Settings, plan_target
+
+    recipe = out / "llava15_plan.yaml"
+    recipe.write_text("defaults: [models/llava15_7b.yaml, data/llava.yaml, stages/llava_two_stage.yaml]\n")
+    settings = Settings(text_tokens=int(text_tokens))
+    (plan,), _, _ = plan_target(recipe, [], settings)
+    st = next(s for s in plan.stages if s.stage == "finetune")
+    flops = st.flops_forward + st.flops_backward + st.flops_recompute
+    need = settings.mfu * PEAK_FLOPS["h100"]["bf16"] / flops
+    return {"seq_len": st.seq_len, "flops_per_sample": flops, "mfu": settings.mfu, "samples_per_s_per_h100": need,
+            "workers_per_h100": math.ceil(need / per_worker), "per_worker_samples_per_s": per_worker}
 
 
 def clip_cost(n: int = 50) -> float:
@@ -296,7 +346,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=665_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stride", type=int, default=100, help="preprocess every N-th row in the full pass")
-    ap.add_argument("--samples", type=int, default=300, help="samples timed for samples/s per worker")
+    ap.add_argument("--samples", type=int, default=200, help="samples per repetition timed for samples/s per worker")
+    ap.add_argument("--reps", type=int, default=4, help="alternating repetitions of the samples/s measurement")
     ap.add_argument("--dir", default=str(Path.home() / ".cache" / "vlm-ablate" / "bench_data"))
     ap.add_argument("--side", choices=["llava", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -313,25 +364,34 @@ def main() -> None:
     res = {}
     for side in ("ours", "llava", "ours"):  # ours twice: the first run builds the table, the second maps it
         cmd = [sys.executable, __file__, "--side", side, "--path", str(path), "--cache", str(cache),
-               "--workers", str(args.workers), "--stride", str(args.stride), "--samples", str(args.samples)]
+               "--workers", str(args.workers), "--stride", str(args.stride)]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         key = side if side == "llava" or "ours_cold" in res else "ours_cold"
         res[key] = r
         print(key, json.dumps(r), flush=True)
+    res["rates"] = per_worker_rates(out, args.reps, args.samples)
+    print("per-worker rates", json.dumps(res["rates"]), flush=True)
     res["tokenize"] = tokenize_cost(path, 2000)
     res["clip336_ms"] = clip_cost()
     print(json.dumps({"machine": f"{platform.node()} {os.cpu_count()} CPUs", **res["tokenize"],
                       "clip336_jpeg640_ms": res["clip336_ms"]}))
+    # a COCO-sized image costs the measured decode + CLIP-336 transform on top of the tokenising (CPU time)
+    per_worker = 1000 / (res["clip336_ms"] + res["tokenize"]["tokenize_cpu_ms_per_sample"])
+    feed = h100_workers(round(res["tokenize"]["text_tokens_per_sample"]), per_worker, out)
+    print("H100 feed (LLaVA-1.5 stage 2):", json.dumps(feed))
 
     def growth(r: dict) -> float:
         return max(b - a for a, b in zip(r["worker_uss_start_mib"], r["worker_uss_end_mib"]))
 
-    print("| | first batch s | rank RSS MiB | worker USS growth over the pass MiB | samples/s per worker |")
-    print("|---|---|---|---|---|")
+    print("| | imports + tokenizer s | data + first batch s | rank RSS MiB (above imports) | worker USS growth MiB | pass s |")
+    print("|---|---|---|---|---|---|")
     for k in ("llava", "ours_cold", "ours"):
         r = res[k]
-        print(f"| {k} | {r['first_batch_s']:.1f} | {r['rss_rank_mib']:.0f} | {growth(r):.0f} | "
-              f"{r['samples_per_s_per_worker']:.0f} |")
+        print(f"| {k} | {r['import_s']:.1f} | {r['first_batch_s']:.1f} | {r['rss_rank_mib']:.0f} "
+              f"({r['rss_rank_mib'] - r['rss_after_imports_mib']:.0f}) | {growth(r):.0f} | {r['pass_s']:.0f} |")
+    for k, r in res["rates"].items():
+        print(f"{k}: {r['samples_per_s_wall']:.0f} samples/s per worker wall (min {r['min']:.0f}, max {r['max']:.0f}), "
+              f"{r['samples_per_s_cpu']:.0f} by CPU time")
     print(f"RATIO first_batch_llava_over_ours={res['llava']['first_batch_s'] / res['ours']['first_batch_s']:.2f} "
           f"worker_growth_mib_llava={growth(res['llava']):.0f} worker_growth_mib_ours={growth(res['ours']):.0f} "
           f"tokenize_ms={res['tokenize']['tokenize_ms_per_sample']:.2f}")

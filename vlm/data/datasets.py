@@ -235,9 +235,9 @@ def _prefetch(name: str, table: RecordTable, rows: np.ndarray, urls: UrlCache, s
 
     from filelock import FileLock
 
-    where, links = _url_rows(table)
-    if not links:
+    if not table.meta.get("urls"):
         return rows
+    where, links = _url_rows(table)
     urls.root.mkdir(parents=True, exist_ok=True)
     last = [0.0]
 

@@ -27,7 +27,7 @@ from vlm.io import atomic_write_json, read_json
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _CHUNK = 16 << 20  # characters read at a time from a JSON array
 _BATCH = 1 << 16  # rows per Arrow record batch
 _ID_RE = re.compile(r'"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
@@ -283,8 +283,9 @@ class RecordTable:
         self._table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
         self._cols = {c: self._table.column(c) for c in ("id", "messages", "images", "where")}
         self.text_chars = self._table.column("text_chars").to_numpy()
-        images = self._table.column("images").combine_chunks()
-        self.num_images = np.diff(images.offsets.to_numpy()).astype(np.int32)
+        chunks = self._table.column("images").chunks  # per chunk: no copy of the strings
+        self.num_images = np.concatenate([np.diff(c.offsets.to_numpy()) for c in chunks] or [np.zeros(0)]
+                                         ).astype(np.int32)
         self.broken = [BrokenSample(w, why) for w, why in meta.get("broken", [])]
         self.usable = np.arange(len(self._table), dtype=np.int64)
         still = {int(i): [x for x in p if not Path(x).is_file()] for i, p in meta.get("missing", {}).items()}
@@ -322,7 +323,7 @@ def _write_table(out: Path, rows: Iterable[Row | BrokenSample]) -> dict[str, Any
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     missing: dict[str, list[str]] = {}
     broken: list[list[str]] = []
-    n = 0
+    n = urls = 0
     cols: dict[str, list] = {k: [] for k in schema.names}
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
@@ -339,6 +340,7 @@ def _write_table(out: Path, rows: Iterable[Row | BrokenSample]) -> dict[str, Any
                     continue
                 if getattr(r, "missing", None):
                     missing[str(n)] = r.missing  # type: ignore[attr-defined]
+                urls += sum(is_url(x) for x in r.images)
                 cols["id"].append(r.id)
                 cols["messages"].append(json.dumps(r.messages, ensure_ascii=False))
                 cols["images"].append(r.images)
@@ -351,7 +353,7 @@ def _write_table(out: Path, rows: Iterable[Row | BrokenSample]) -> dict[str, Any
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"rows": n, "broken": broken, "missing": missing}
+    return {"rows": n, "broken": broken, "missing": missing, "urls": urls}
 
 
 def _cached_table(cache_root: Path, key: str, build: Callable[[Path], dict[str, Any]]) -> RecordTable:
@@ -366,11 +368,28 @@ def _cached_table(cache_root: Path, key: str, build: Callable[[Path], dict[str, 
     return RecordTable(out, read_json(meta_path))
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, cache_root: Path | None = None) -> str:
+    """SHA-256 of a file's bytes. With `cache_root`, remembered per (path, size, mtime_ns, inode), as make and rsync
+    decide a file is unchanged: hashing LLaVA's 1 GB mix takes seconds on every start and every rank otherwise."""
+    st = path.stat()
+    stamp = [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino]
+    memo = None
+    if cache_root is not None:
+        memo = cache_root / "digests" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
+        if memo.is_file():
+            try:
+                known = read_json(memo)
+                if known.get("stamp") == stamp:
+                    return known["sha256"]
+            except (OSError, ValueError):
+                pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(memo, {"stamp": stamp, "sha256": h.hexdigest()})
     return h.hexdigest()
 
 

@@ -11,7 +11,9 @@ If the prefixes do not line up, or nothing is left to train on, the sample is re
 """
 from __future__ import annotations
 
+import bisect
 import functools
+import json
 import weakref
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Sequence
@@ -83,32 +85,66 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _exact_offsets(tokenizer: Any) -> bool:
+    """Whether the tokenizer reports each token's exact character span: a fast tokenizer whose post-processor does
+    not trim offsets (a ByteLevel post-processor with `trim_offsets` drops the leading space of " word")."""
+    if not getattr(tokenizer, "is_fast", False):
+        return False
+
+    def trims(p: Any) -> bool:
+        if isinstance(p, dict):
+            return (p.get("type") == "ByteLevel" and p.get("trim_offsets", False)) or any(trims(v) for v in p.values())
+        return isinstance(p, list) and any(trims(v) for v in p)
+
+    return not trims(json.loads(tokenizer.backend_tokenizer.to_str()).get("post_processor"))
+
+
+def _prefix_tokens(text: str, offsets: Sequence[tuple[int, int]], starts: Sequence[int], part: str) -> int | None:
+    """How many of `text`'s tokens the prefix render `part` is, read from the token spans; None when that cannot
+    be read off them (not a character prefix, a token across its end, or an empty token there) and the prefix
+    must be tokenised. Where a token ends exactly at the prefix's end, BPE on the prefix alone applies the same
+    merges (a merge across the end would have made a token across it), so this equals len(encode(part))."""
+    b = len(part)
+    if not text.startswith(part):
+        return None
+    n = bisect.bisect_left(starts, b)  # tokens starting before the end (spans are in order)
+    if n and offsets[n - 1][1] > b:
+        return None
+    while n < len(offsets) and offsets[n][0] == b:
+        if offsets[n][1] == b:
+            return None
+        break
+    return n
+
+
 def _special_ids(tokenizer: Any) -> set[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
     return ids
 
 
-_TOKEN_INFO: "weakref.WeakKeyDictionary[Any, tuple[int, frozenset[int], int | None]]" = weakref.WeakKeyDictionary()
+_TOKEN_INFO: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _token_info(tokenizer: Any) -> tuple[frozenset[int], int | None]:
-    """(special token ids, the `<image>` id or None) of a tokenizer, computed once per tokenizer and vocabulary
-    size (added tokens recompute it): `get_vocab()` builds a dict of the whole vocabulary, far too slow per sample."""
+def _token_info(tokenizer: Any) -> tuple[frozenset[int], int | None, bool]:
+    """(special token ids, the `<image>` id or None, exact offsets?) of a tokenizer, computed once per tokenizer and
+    vocabulary size (added tokens recompute it): `get_vocab()` builds a dict of the whole vocabulary, far too slow
+    per sample."""
     size = len(tokenizer)
     try:
         cached = _TOKEN_INFO.get(tokenizer)
     except TypeError:  # an unhashable tokenizer: no cache
         cached = None
     if cached is not None and cached[0] == size:
-        return cached[1], cached[2]
+        return cached[1:]
     specials = frozenset(_special_ids(tokenizer))
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if IMAGE_TOKEN in tokenizer.get_vocab() else None
+    exact = _exact_offsets(tokenizer)
     try:
-        _TOKEN_INFO[tokenizer] = (size, specials, image_id)
+        _TOKEN_INFO[tokenizer] = (size, specials, image_id, exact)
     except TypeError:
         pass
-    return specials, image_id
+    return specials, image_id, exact
 
 
 def _mismatch(sample_id: Any, turn: int, what: str, part: list[int], full: list[int], tokenizer: Any) -> UserError:
@@ -135,9 +171,20 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     if msgs[0]["role"] == "assistant":
         raise UserError(f"sample {sample_id!r} starts with an assistant turn; it needs a user (or system) message "
                         f"first. Drop the leading assistant message.")
-    full = _encode(tokenizer, render(tokenizer, msgs, chat_template=chat_template, sample_id=sample_id))
-    specials, image_id = _token_info(tokenizer)
+    text = render(tokenizer, msgs, chat_template=chat_template, sample_id=sample_id)
+    specials, image_id, exact_offsets = _token_info(tokenizer)
     specials = set(specials)
+    if exact_offsets:  # one encoding; prefix renders are located by character spans (tokenised only if ambiguous)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        full, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        starts = [s for s, _ in offsets]
+    else:
+        full, offsets, starts = _encode(tokenizer, text), None, []
+
+    def prefix(part_text: str) -> list[int]:
+        n = _prefix_tokens(text, offsets, starts, part_text) if offsets is not None else None
+        return full[:n] if n is not None else _encode(tokenizer, part_text)
+
     if image_id is None and any(IMAGE_TOKEN in m["content"] for m in msgs):
         raise UserError(f"sample {sample_id!r} holds {IMAGE_TOKEN!r} but the tokenizer has no such token; "
                         f"build the tokenizer through vlm.model.llm.build_llm (it adds it).")
@@ -147,10 +194,10 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     for k, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = _encode(tokenizer, render(tokenizer, msgs[:k], add_generation_prompt=True,
-                                           chat_template=chat_template, sample_id=sample_id))
-        done = full if k == len(msgs) - 1 else _encode(tokenizer, render(tokenizer, msgs[:k + 1],
-                                                                         chat_template=chat_template, sample_id=sample_id))
+        prompt = prefix(render(tokenizer, msgs[:k], add_generation_prompt=True, chat_template=chat_template,
+                               sample_id=sample_id))
+        done = full if k == len(msgs) - 1 else prefix(render(tokenizer, msgs[:k + 1], chat_template=chat_template,
+                                                             sample_id=sample_id))
         if full[:len(prompt)] != prompt:
             raise _mismatch(sample_id, k, "the conversation before this assistant turn plus the generation prompt",
                             prompt, full, tokenizer)
