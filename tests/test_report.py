@@ -227,3 +227,18 @@ def test_html_report_renders_its_plots_in_headless_chromium(tmp_path):
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     assert '<pre id="imgcheck">4/4</pre>' in dom, dom[-2000:]
     assert "Missing or failed runs" in dom and FAILED in dom
+
+
+def test_dynamics_include_a_reused_stage_1_from_its_artifact(tmp_path):
+    """A run that reused a shared stage-1 artifact has no stage-1 records of its own; the artifact carries them."""
+    root = make_grid_dir(tmp_path)
+    art = tmp_path / "store" / "align-abc"
+    art.mkdir(parents=True)
+    (art / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"stage": "align", "step": 5, "eval": {"flowers": 0.2}}, {"stage": "align", "step": 8, "eval": {"flowers": 0.25}})))
+    run = root / "enc=a,llm=x,pt=p"
+    atomic_write_json(run / "stages" / "align" / "artifact.json", {"key": "abc", "path": str(art)})
+    row = next(r for r in collect(root).rows if r.id == run.name)
+    align = [(d["step"], d["align: flowers"]) for d in row.dynamics if "align: flowers" in d]
+    assert align == [(5, 0.2), (8, 0.25)]  # the last step of the stage is there too
+    assert [d["step"] for d in row.dynamics if "finetune: flowers" in d] == [10, 20, 30]

@@ -62,7 +62,8 @@ def test_smoke_recipe_end_to_end(tmp_path):
             assert k in m, k
         assert m["loss"] > 0 and m["skipped_samples"] == 0
     evals = [m for m in metrics if "eval" in m]
-    assert [(m["stage"], m["step"]) for m in evals] == [("align", 2), ("finetune", 2)]
+    # every 2 steps and at each stage's last step, so a training curve ends where the stage ends
+    assert [(m["stage"], m["step"]) for m in evals] == [("align", 2), ("align", 3), ("finetune", 2), ("finetune", 3)]
     assert "synth_cls" in evals[0]["eval"]
     man = read_json(out / "manifest.json")
     assert set(man) >= {"versions", "git_revision", "hardware", "data", "model", "stages"}
@@ -82,6 +83,9 @@ def test_artifacts_chain_reuse_and_load_run(recipe, tmp_path):
     assert ma["stages"]["align"]["key"] == mb["stages"]["align"]["key"]
     assert mb["stages"]["align"]["reused_artifact"] and not mb["stages"]["finetune"]["reused_artifact"]
     assert [m["stage"] for m in read_jsonl(b / "metrics.jsonl")] == ["finetune", "finetune"]
+    # the reused stage's log travels in its artifact (the report draws b's stage-1 curve from it)
+    art_log = list(read_jsonl(store / ma["stages"]["align"]["key"] / "metrics.jsonl"))
+    assert art_log and {m["stage"] for m in art_log} == {"align"}
     assert len([p for p in store.iterdir() if p.is_dir()]) == 3
     # finetune trained only connector + LoRA tensors; load_run merges them into plain linear layers
     w = _weights(store / ma["stages"]["finetune"]["key"])

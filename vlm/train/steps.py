@@ -50,7 +50,8 @@ from vlm.recipe.freeze import (MODULES, apply_policy, check_policy_model, has_lo
                                set_train_modes, trained_buffer_names)
 from vlm.recipe.keys import stage_keys
 from vlm.recipe.schema import enabled_stages, plain
-from vlm.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, set_rng_state
+from vlm.train.checkpoint import (latest_checkpoint, load_trained_state, read_checkpoint, rng_state, save_checkpoint,
+                                  set_rng_state)
 from vlm.train.feature_cache import FeatureCache, default_root
 from vlm.train import stop
 from vlm.train.provenance import config_sha256, git_revision, hardware, versions
@@ -71,7 +72,8 @@ __all__ = ["train", "train_stage", "setup_stage", "run_stage", "save_artifact", 
 
 # --------------------------------------------------------------------------- schedule
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
-    """The LR multiplier at optimizer step `step`: linear warmup over `warmup` steps, then cosine / linear / constant."""
+    """The LR multiplier at optimizer step `step`: linear warmup over `warmup` steps, then cosine, linear or
+    constant."""
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -302,6 +304,7 @@ class Run:
         self.acc = _make_accelerator(cfg, run_dir)
         self.main = self.acc.is_main_process
         self.manifest: dict = {}
+        self.done: list[tuple[str, Path]] = []  # (stage, artifact) of the stages finished so far
 
     def status(self, **kw: Any) -> None:
         if self.main:
@@ -385,7 +388,7 @@ def train(cfg: DictConfig | dict, run_dir: Path, evaluate: bool = True) -> Path:
     }
     store = artifact_store(cfg, run_dir)
     keys = stage_keys(cfg)
-    done: list[tuple[str, Path]] = []
+    done = run.done
     try:
         for name, key in zip(enabled_stages(cfg), keys):
             st = cfg["stages"][name]
@@ -614,8 +617,9 @@ def run_stage(run: Run, stage: Stage) -> None:
                      "target_tokens": int(stats.target_tokens),
                      **({"feature_cache_hits": cache.hits, "feature_cache_misses": cache.misses} if cache else {})})
         if eval_every and quick and (stage.step % eval_every == 0 or stage.step == total):  # the curve ends at the stage's end
+            model = _eval_model(run, stage)
             if run.main:
-                res = _evaluate(stage.state.vlm, quick, stage_dir / "eval" / f"step_{stage.step:08d}")
+                res = _evaluate(model, quick, stage_dir / "eval" / f"step_{stage.step:08d}")
                 run.log({"stage": name, "step": stage.step,
                          "eval": {t: r.get("score") for t, r in res.get("tasks", {}).items()},
                          **{k: res.get(k) for k in ("fine_grained", "general", "gap")}})
@@ -630,6 +634,24 @@ def run_stage(run: Run, stage: Stage) -> None:
     bar.close()
     if stage.state.strategy.checkpoints:  # the full end state too (resume at the end = nothing left to do)
         _checkpoint(run, stage, keep=1)
+
+
+def _eval_model(run: Run, stage: Stage) -> Any:
+    """The model a quick eval runs on (on the main process): the live one, or under fsdp / deepspeed a plain copy
+    built as `load_run` builds a model, from the finished stages' artifacts and this stage's weights gathered from
+    every process (a collective; the RNG state is kept, so the copy does not change the training)."""
+    s = stage.state
+    if not s.strategy.sharded:
+        return s.vlm
+    weights = s.strategy.full_state(s.model, s.buffers)
+    if not run.main:
+        return None
+    rng = rng_state()
+    vlm = _rebuild(run.cfg, run.done)
+    apply_policy(vlm, stage.st["freeze"], stage.st["optim"])
+    load_trained_state(vlm, weights, f"stage {stage.name} at step {stage.step}")
+    set_rng_state(*rng)
+    return vlm.to(run.acc.device)
 
 
 def save_artifact(run: Run, stage: Stage, art: Path) -> None:
