@@ -42,30 +42,24 @@ ENCODERS = {  # stage-1 encoder choices: the default keeps the CPU run short; la
 
 
 class OurStep:
-    """`vlm.train.train_step` on one process, built as `vlm.train.train_stage` builds it."""
+    """`vlm.train.steps.train_step` on one process, set up by `setup_training` as `vlm train` sets a stage up."""
 
     def __init__(self, vlm: Any, modes: dict[str, str], precision: str, lr: float = 2e-5, total_steps: int = 1000):
         from accelerate import Accelerator
 
-        from vlm.recipe.freeze import apply_policy
-        from vlm.train.steps import _lr_lambda, build_optimizer
+        from vlm.train.steps import setup_training
+        from vlm.train.strategy import Strategy
 
-        self.vlm, self.freeze, self.optim = vlm, C.freeze_policy(modes), C.optim_cfg(lr)
+        optim = {**C.optim_cfg(lr), "warmup_ratio": 30 / total_steps}
+        st = {"freeze": C.freeze_policy(modes), "optim": optim, "precision": precision, "gradient_checkpointing": False}
         self.acc = Accelerator(cpu=vlm.device.type == "cpu")
-        optimizer = build_optimizer(apply_policy(vlm, self.freeze, self.optim, "benchmark"), self.optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(self.optim["scheduler"], 30,
-                                                                                  total_steps))
-        self.model, self.optimizer = self.acc.prepare(vlm, optimizer)
-        self.dtype = autocast_dtype(precision)
-        self.scaler = torch.amp.GradScaler(self.acc.device.type) if precision == "fp16" else None
+        self.state = setup_training(vlm, st, total_steps, Strategy(self.acc, autocast_dtype(precision)), "benchmark")
         self.last_loss = float("nan")
 
     def __call__(self, micro_batches: list[dict], cache: Any = None) -> float:
         from vlm.train.steps import train_step
 
-        stats = train_step(self.model, micro_batches, self.optimizer, self.scheduler, self.acc, vlm=self.vlm,
-                           freeze=self.freeze, max_grad_norm=self.optim["max_grad_norm"], dtype=self.dtype,
-                           scaler=self.scaler, cache=cache)
+        stats = train_step(self.state, micro_batches, cache=cache)
         self.last_loss = stats.loss
         return stats.loss
 
@@ -78,7 +72,7 @@ class HFStep:
 
     def __init__(self, hf: Any, preprocess: Callable[[list[Any]], torch.Tensor], precision: str, lr: float = 2e-5,
                  total_steps: int = 1000) -> None:
-        from vlm.train.steps import _lr_lambda
+        from vlm.train.steps import lr_lambda
 
         self.hf, self.preprocess = hf, preprocess
         for p in hf.model.vision_tower.parameters():
@@ -87,7 +81,7 @@ class HFStep:
         o = C.optim_cfg(lr)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=lr, betas=tuple(o["betas"]), eps=o["eps"],
                                            weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(o["scheduler"], 30, total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o["scheduler"], 30, total_steps))
         dtype = autocast_dtype(precision)
         self.autocast = (lambda: torch.autocast(hf.device.type, dtype=dtype)) if dtype is not None else nullcontext
         self.last_loss = float("nan")

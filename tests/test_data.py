@@ -85,7 +85,7 @@ def tok():
     return llm.tokenizer, llm.image_token_id
 
 
-def test_load_time_broken_samples_unreadable_image_and_overlong(files, tok):
+def test_load_time_broken_samples_unreadable_image_and_overlong_cut(files, tok):
     tokenizer, image_id = tok
     recs = [_rec(0), _rec(1, "broken.png"), _rec(2, conv=[CONV[0], {"from": "gpt", "value": "word " * 200}])]
     (files / "d.json").write_text(json.dumps(recs))
@@ -96,12 +96,13 @@ def test_load_time_broken_samples_unreadable_image_and_overlong(files, tok):
     assert all(lab == IGNORE_INDEX for t, lab in zip(item["input_ids"], item["labels"]) if t == image_id)
     with pytest.raises(UserError, match=rf"{files / 'd.json'}:1 \(row 1, id '1'\): cannot read image .*broken\.png"):
         ds[1]
-    with pytest.raises(UserError, match=r"exceed max_length 64; image tokens are never truncated"):
-        ds[2]
+    long = ds[2]  # over-long: cut to max_length as LLaVA does (tests/test_train_truncation.py), not broken
+    assert len(long["input_ids"]) == 64 and long["truncated"] and long["input_ids"].count(image_id) == 16
     ds.on_error = "skip"
     batch = collate([ds[0], ds[1], ds[2]], pad_id=0)
-    assert batch["num_samples"] == 1 and len(batch["broken"]) == 2 and len(batch["images"]) == 1
-    empty = collate([ds[1], ds[2]], pad_id=0)  # all broken: a harmless pad row, no targets, no images
+    assert batch["num_samples"] == 2 and len(batch["broken"]) == 1 and len(batch["images"]) == 2
+    assert batch["num_truncated"] == 1
+    empty = collate([ds[1]], pad_id=0)  # all broken: a harmless pad row, no targets, no images
     assert empty["num_samples"] == 0 and empty["num_target_tokens"] == 0 and empty["input_ids"].shape[0] == 1
     assert not empty["images"] and (empty["labels"] == IGNORE_INDEX).all()
 

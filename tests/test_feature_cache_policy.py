@@ -35,7 +35,8 @@ def test_one_pass_stages_do_not_cache(tmp_path):
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_multi_epoch_stages_cache_in_the_compute_dtype(tmp_path, capfd, precision, dtype):
     recipe = write_recipe(tmp_path)
-    train(load_recipe(recipe, ALIGN + ["stages.align.epochs=2", f"stages.align.precision={precision}"]), tmp_path / "run")
+    cfg = load_recipe(recipe, ALIGN + ["stages.align.epochs=2", f"stages.align.precision={precision}"])
+    train(cfg, tmp_path / "run")
     files = sorted((tmp_path / "fc").rglob("*.safetensors"))
     assert len(files) == 16
     assert {load_file(str(f))["features"].dtype for f in files} == {dtype}
@@ -50,5 +51,6 @@ def test_multi_epoch_stages_cache_in_the_compute_dtype(tmp_path, capfd, precisio
 
 def test_forcing_the_cache_on_a_one_pass_stage(tmp_path):
     recipe = write_recipe(tmp_path)
-    train(load_recipe(recipe, ALIGN + ["stages.align.max_steps=4", "stages.align.feature_cache=true"]), tmp_path / "run")
+    cfg = load_recipe(recipe, ALIGN + ["stages.align.max_steps=4", "stages.align.feature_cache=true"])
+    train(cfg, tmp_path / "run")
     assert len(list((tmp_path / "fc").rglob("*.safetensors"))) == 16

@@ -62,7 +62,8 @@ def test_the_4bit_load_call(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real_find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "bitsandbytes" else real_find(n, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: object() if n == "bitsandbytes" else real_find(n, *a))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     with pytest.raises(Stop):
         llm_mod.build_llm({"path": "some/llm", "quantization": "4bit", "tokenizer": "builtin:chatml"})

@@ -33,7 +33,10 @@ stages:
     freeze: {vision: {mode: partial, k: 1}, llm: {mode: lora, r: 4}}
 eval:
   tasks:
-    - {type: classification, name: cls, path: "${synth_world:tiny,0}/classification", protocols: [open], max_new_tokens: 4, limit: 6}
+    - {type: classification, name: cls, path: "${synth_world:tiny,0}/classification", protocols: [open],
+       max_new_tokens: 4, limit: 6}
+  every_steps: 2
+  quick_tasks: ${eval.tasks}
 """
 
 
@@ -46,7 +49,8 @@ def runs(tmp_path_factory):
     """One 2-process run per strategy (started together: the machine has few cores, they mostly wait on each other)."""
     tmp = tmp_path_factory.mktemp("dist")
     recipe = write_recipe(tmp, BODY)
-    procs = {s: launch(2, "train", str(recipe), f"distributed.strategy={s}", "--out", str(tmp / s)) for s in ("ddp", "fsdp")}
+    procs = {s: launch(2, "train", str(recipe), f"distributed.strategy={s}", "--out", str(tmp / s))
+             for s in ("ddp", "fsdp")}
     for s, p in procs.items():
         assert p.wait(timeout=900) == 0, p.stdout.read()[-6000:]
     return tmp, recipe
@@ -60,6 +64,15 @@ def test_fsdp_engages_and_manifest_says_so(runs):
     # one unit per LLM decoder layer (2) and per vision block (2), plus the root
     assert d["sharded_units"] == 5 and d["mixed_precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
     assert read_json(tmp / "ddp" / "manifest.json")["distributed"]["engaged"].startswith("DistributedDataParallel")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_quick_evals_run_during_sharded_stages(runs, strategy):
+    """The main process evaluates a plain copy of the sharded model every `eval.every_steps` and at a stage's end."""
+    tmp, _ = runs
+    evals = [(x["stage"], x["step"]) for x in read_jsonl(tmp / strategy / "metrics.jsonl") if "eval" in x]
+    assert evals == [("align", 2), ("finetune", 2), ("finetune", 3)]
+    assert (tmp / strategy / "stages" / "finetune" / "eval" / "step_00000002" / "results.json").is_file()
 
 
 def test_fsdp_trains_like_ddp_with_global_norm_clipping(runs):

@@ -42,11 +42,13 @@ def test_ranks_wait_for_the_artifact_lock_without_a_barrier_timeout(tmp_path):
 
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    holder = ctx.Process(target=hold_lock_then_release, args=(str(tmp_path / "k.lock"), 8.0, ready, str(tmp_path / "w.started")))
+    holder = ctx.Process(target=hold_lock_then_release,
+                         args=(str(tmp_path / "k.lock"), 8.0, ready, str(tmp_path / "w.started")))
     holder.start()
     ready.wait(30)
     port = free_port()
-    procs = [ctx.Process(target=wait_for_lock_rank, args=(r, port, str(tmp_path / "k.lock"), str(tmp_path / "w"))) for r in (0, 1)]
+    procs = [ctx.Process(target=wait_for_lock_rank, args=(r, port, str(tmp_path / "k.lock"), str(tmp_path / "w")))
+             for r in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:

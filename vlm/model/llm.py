@@ -12,6 +12,8 @@ cfg keys:
                      set on this tokenizer instance only.
   dtype              float32 | bfloat16 | float16 (default float32).
   attn_implementation  default "sdpa".
+  quantization       null | 4bit: QLoRA's NF4 weights with double quantization (bitsandbytes; needs a CUDA GPU and
+                     pretrained weights; every stage that trains the LLM trains LoRA adapters on it).
 
 Tokens added when missing: `<image>` (an extra special token) and a pad token — the tokenizer's
 `unk` when it has one (LLaVA's choice for Llama tokenizers), else its `eos`. Neither grows the
@@ -19,10 +21,13 @@ vocabulary beyond `<image>`; new embedding rows are initialised to the mean of t
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from vlm.config import DTYPES, DtypeName, check
 from vlm.errors import UserError
@@ -43,6 +48,7 @@ class LLMOptions:
     chat_template: Optional[TemplateName] = None
     dtype: Optional[DtypeName] = "float32"  # null = float32
     attn_implementation: Optional[str] = None  # null = sdpa
+    quantization: Optional[Literal["4bit"]] = None  # QLoRA: NF4 weights (bitsandbytes, CUDA), trained through LoRA
 
 
 def check_llm_config(cfg: Mapping[str, Any], where: str = "llm") -> dict[str, Any]:
@@ -52,7 +58,26 @@ def check_llm_config(cfg: Mapping[str, Any], where: str = "llm") -> dict[str, An
         raise UserError(f"{where} needs exactly one of `path` (pretrained weights) or `config` (random init).")
     if opts["config"] is not None and opts["tokenizer"] is None:
         raise UserError(f"{where} with `config` (random init) needs a `tokenizer` (a path or builtin:<family>).")
+    if opts["quantization"] is not None and opts["path"] is None:
+        raise UserError(f"{where}.quantization: {opts['quantization']} quantizes pretrained weights as they load; give "
+                        "`path` (a random-init `config` model cannot be quantized).")
     return opts
+
+
+def quantized_load_kwargs(opts: Mapping[str, Any], where: str = "llm") -> dict[str, Any]:
+    """`from_pretrained` arguments of a QLoRA LLM (`opts`: a checked `llm` config with `quantization: 4bit`): NF4
+    weights with double quantization and bf16 (or the `dtype` given, if 16-bit) compute, as QLoRA and LLaVA's
+    `--bits 4` load them, placed on this process's GPU."""
+    if not torch.cuda.is_available():
+        raise UserError(f"{where}.quantization: {opts['quantization']} (QLoRA) needs a CUDA GPU for bitsandbytes' "
+                        "4-bit kernels and none is visible; run on a GPU node or remove the quantization.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{where}.quantization: {opts['quantization']} needs bitsandbytes, which is not installed; "
+                        "`pip install bitsandbytes`.")
+    compute = DTYPES[opts["dtype"]] if opts["dtype"] in ("bfloat16", "float16") else torch.bfloat16
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=compute)
+    return {"quantization_config": q, "dtype": compute, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
 
 
 @dataclass
@@ -132,7 +157,8 @@ def build_llm(cfg: Mapping[str, Any], where: str = "llm") -> LanguageModel:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn)
+            load = quantized_load_kwargs(opts, where) if opts["quantization"] else {"dtype": dtype}
+            model = AutoModelForCausalLM.from_pretrained(src, attn_implementation=attn, **load)
         except OSError as e:
             raise UserError(f"cannot load language model {path!r}: {e}. Give a local dir or a reachable hub id.") from e
     if model.get_input_embeddings().num_embeddings < len(tokenizer):

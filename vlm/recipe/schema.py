@@ -96,10 +96,12 @@ class Stage:
     grad_accum: Positive = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
-    max_length: Positive = 2048  # tokens after image expansion; longer samples are broken samples
+    max_length: Positive = 2048  # tokens after image expansion; longer text is cut (never image tokens) and counted
     chat_template: Optional[TemplateName] = None  # template for this stage's data (e.g. plain); null = the LLM's own
     save_every: Annotated[int, Range(ge=0)] = 0  # checkpoint every N optimizer steps (0 = only at the end)
-    feature_cache: bool = True  # reuse cached encoder features when the vision module is frozen
+    # frozen-encoder feature cache: null = where it pays (more than one pass over the images), true = also on one
+    # pass (e.g. several runs' stages on the same images), false = never
+    feature_cache: Optional[bool] = None
 
 
 @dataclass
@@ -310,6 +312,7 @@ def _check_semantics(cfg: dict, where: str, check_files: bool = True) -> None:
         if not any(importlib.util.find_spec(p) for p in pkgs):
             raise UserError(f"run.trackers lists {tracker}, but {pkgs[0]} is not installed; `pip install {pkgs[0]}` "
                             "or remove it from run.trackers.")
+    _check_quantized_llm(cfg)
     if cfg["distributed"]["strategy"].startswith("deepspeed"):
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError(f"distributed.strategy = {cfg['distributed']['strategy']} needs DeepSpeed, which is not "
@@ -320,6 +323,23 @@ def _check_semantics(cfg: dict, where: str, check_files: bool = True) -> None:
             raise UserError(f"distributed.strategy {cfg['distributed']['strategy']}: DeepSpeed fixes the micro-batch, "
                             "accumulation and clipping for the whole run; use grad_accum: 1 and the same batch_size "
                             "and optim.max_grad_norm in every stage (or ddp / fsdp).")
+
+
+def _check_quantized_llm(cfg: dict) -> None:
+    """QLoRA: a 4-bit LLM trains only through LoRA adapters, and only under ddp or ZeRO-2 (bitsandbytes' packed
+    weights are not sharded by FSDP or partitioned by ZeRO-3 here)."""
+    q = cfg["model"]["llm"].get("quantization")
+    if q is None:
+        return
+    for sname, st in cfg["stages"].items():
+        mode = st["freeze"]["llm"]["mode"]
+        if st["enabled"] and mode in ("full", "partial"):
+            raise UserError(f"stages.{sname}.freeze.llm: {mode} cannot train a 4-bit LLM (model.llm.quantization: "
+                            f"{q}); use mode: lora (QLoRA) or frozen.")
+    strategy = cfg["distributed"]["strategy"]
+    if strategy in ("fsdp", "deepspeed_zero3"):
+        raise UserError(f"distributed.strategy: {strategy} cannot shard a 4-bit LLM (model.llm.quantization: "
+                        f"{q}); use ddp or deepspeed_zero2 (the quantized LLM fits each GPU whole).")
 
 
 def _check_dataset(name: str, ds: dict) -> None:

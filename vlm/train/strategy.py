@@ -33,7 +33,8 @@ def build_optimizer(groups: list[dict], optim: dict) -> torch.optim.Optimizer:
 
 
 def transformer_blocks(vlm: Any) -> list[nn.Module]:
-    """The FSDP units: the LLM's decoder layers (HF `_no_split_modules`) and every vision encoder's blocks."""
+    """The FSDP units: the LLM's decoder layers (its HF `_no_split_modules`) and every block of the vision
+    encoder(s), also those after the selected layer (the classes of `encoder.blocks()`), innermost first."""
     lm = vlm.language_model
     names = set(getattr(lm, "_no_split_modules", None) or [])
     units = [m for m in lm.modules() if type(m).__name__ in names]
@@ -41,10 +42,11 @@ def transformer_blocks(vlm: Any) -> list[nn.Module]:
         raise UserError(f"fsdp: found no decoder layers in {type(lm).__name__} (its `_no_split_modules` is empty); "
                         "use ddp or deepspeed for this LLM.")
     try:
-        units += list(vlm.encoder.blocks())
+        kinds = {type(b) for b in vlm.encoder.blocks()}
     except NotImplementedError:
-        pass
-    return units
+        kinds = set()
+    units += [m for m in vlm.encoder.modules() if type(m) in kinds]
+    return units[::-1]
 
 
 class Strategy:
@@ -172,7 +174,8 @@ class FSDPStrategy(Strategy):
         return out
 
     def optimizer_state(self, model: Any, optimizer: Any) -> dict:
-        sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_optimizer_state_dict(model, optimizer, options=opts)
         return sd if self.acc.is_main_process else {}
 
     def load_state(self, model: Any, optimizer: Any, weights: dict[str, torch.Tensor], optim_state: dict,
