@@ -138,3 +138,15 @@ def test_fused_with_a_cnn_member():
     train_partial(e, 1)
     assert_every_trained_parameter_has_a_gradient(e)
     assert any(p.requires_grad for p in e.encoders[1].parameters())
+
+
+def test_encoder_without_blocks_cannot_be_partially_trained():
+    from encoders.base import VisionEncoder
+
+    class NoBlocks(VisionEncoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+
+    with pytest.raises(UserError, match="stacked blocks"):
+        partial_blocks(NoBlocks(), 1, "test.vision")

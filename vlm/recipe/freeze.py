@@ -24,9 +24,13 @@ def module_of(vlm: Any, name: str) -> nn.Module:
 def block_groups(module: nn.Module) -> list[list[nn.Module]] | None:
     """The stacked blocks that feed a module's output, per member backbone: a vision encoder's `block_groups()`
     (its `blocks()`, cut by the encoder at its `select_layer`; one group per sub-encoder of a fused encoder, since
-    `partial` k counts per member), else the module's largest nn.ModuleList; `None` when it has none."""
+    `partial` k counts per member), else the module's largest nn.ModuleList; `None` when it has none (also for an
+    encoder that does not implement `blocks()`: its largest ModuleList would ignore `select_layer`)."""
     if callable(getattr(module, "block_groups", None)):
-        return [list(g) for g in module.block_groups()]
+        try:
+            return [list(g) for g in module.block_groups()]
+        except NotImplementedError:
+            return None
     best, best_n = None, 0
     for _, m in module.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) > 1:
