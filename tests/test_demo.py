@@ -173,6 +173,21 @@ def test_summary_seed_noise_hand_worked(tmp_path):
     assert "\n| seed |" not in text  # the seed axis is noise, not an effect (no effect row)
 
 
+def test_point_progress_counts_stages_and_eval_as_equal_parts(tmp_path):
+    run = tmp_path / "p"
+    assert demo.point_progress(run) is None  # not started
+    run.mkdir()
+    (run / "recipe.yaml").write_text("stages:\n  align: {max_steps: 80}\n  finetune: {max_steps: 12}\n")
+    atomic_write_json(run / "status.json", {"state": "running", "stage": "align", "step": 0, "total_steps": 80})
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"stage": "align", "step": s, "loss": 1.0}) + "\n"
+                                               for s in range(1, 41)))
+    assert demo.point_progress(run) == (pytest.approx(0.5 / 3), "align 40/80")  # half of stage 1 of 3 parts
+    atomic_write_json(run / "status.json", {"state": "running", "stage": "eval"})
+    assert demo.point_progress(run) == (pytest.approx(2 / 3), "evaluating")
+    atomic_write_json(run / "status.json", {"state": "done"})
+    assert demo.point_progress(run) == (1.0, "done")
+
+
 def test_summary_without_plan(tmp_path):
     assert "no grid plan" in demo.summary_markdown(tmp_path)
 

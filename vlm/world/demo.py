@@ -28,7 +28,7 @@ import yaml
 from vlm.errors import UserError
 from vlm.grid.points import launch, plan_grid, print_plan
 from vlm.grid.spec import load_grid
-from vlm.io import atomic_write_json, atomic_write_text, read_json
+from vlm.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from vlm.report.collect import collect
 from vlm.report.render import build_report, md_table, summary_tables
 from vlm.world.synth.world import synth_dir
@@ -105,31 +105,53 @@ def step_data(echo: Callable[[str], None]) -> Path:
     return world
 
 
-def _point_line(run_dir: Path) -> str | None:
-    path = run_dir / "status.json"
-    if not path.exists():
-        return None
+def point_progress(run_dir: Path) -> tuple[float, str] | None:
+    """(fraction done, what it is doing) of one grid point, from its recipe, status and step log; None before it
+    starts. Each enabled stage and the final evaluation count as equal parts (their steps within a stage)."""
     try:
-        st = read_json(path)
-    except (OSError, ValueError):
+        st = read_json(run_dir / "status.json")
+        stages = [n for n, v in (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("stages", {}).items()
+                  if (v or {}).get("enabled", True)]
+    except (OSError, ValueError, AttributeError):
         return None
+    parts = len(stages) + 1
     if st.get("state") == "done":
-        return "trained" if not (run_dir / "eval").exists() else "evaluating / done"
-    step, total = st.get("step"), st.get("total_steps")
+        return 1.0, "done"
     where = st.get("stage") or "-"
-    return f"{where} {step}/{total}" if step is not None and total else where
+    if where == "eval":
+        return (parts - 1) / parts, "evaluating"
+    if where not in stages:
+        return 0.0, where
+    step = 0
+    for rec in read_jsonl(run_dir / "metrics.jsonl"):
+        if rec.get("stage") == where and "loss" in rec:
+            step = int(rec["step"])
+    total = int(st.get("total_steps") or 0)
+    frac = (stages.index(where) + (step / total if total else 0.0)) / parts
+    return frac, f"{where} {step}/{total}" if total else where
 
 
 def watch_points(grid_dir: Path, stop: threading.Event, echo: Callable[[str], None], every: float = 15.0) -> None:
-    """Print each point's stage and step whenever it changes (the point logs hold the details)."""
-    seen: dict[str, str] = {}
+    """Every `every` seconds: each running point's stage and step, and the whole grid's progress with an ETA
+    (elapsed time scaled by what is left; points are assumed to cost alike)."""
     t0 = time.time()
+    last = ""
     while not stop.wait(every):
-        for run_dir in sorted(p for p in grid_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", "artifacts"))):
-            line = _point_line(run_dir)
-            if line and seen.get(run_dir.name) != line:
-                seen[run_dir.name] = line
-                echo(f"  [{_mmss(time.time() - t0)}] {run_dir.name}: {line}")
+        plan_file = grid_dir / "_grid" / "plan.json"
+        if not plan_file.exists():
+            continue
+        ids = [p["id"] for p in read_json(plan_file)["points"]]
+        prog = {i: point_progress(grid_dir / i) for i in ids}
+        done = sum(p[0] for p in prog.values() if p)
+        running = [f"{i}: {p[1]}" for i, p in prog.items() if p and p[0] < 1]
+        frac = done / len(ids) if ids else 0.0
+        elapsed = time.time() - t0
+        eta = f", ETA {_mmss(elapsed * (1 - frac) / frac)}" if frac > 0.01 else ""
+        line = f"  [{_mmss(elapsed)}] grid {100 * frac:.0f}% ({sum(1 for p in prog.values() if p and p[0] >= 1)}/" \
+               f"{len(ids)} points done{eta})" + ("; " + "; ".join(running) if running else "")
+        if line.split("] ", 1)[1] != last:
+            last = line.split("] ", 1)[1]
+            echo(line)
 
 
 def step_grid(plan: Plan, echo: Callable[[str], None]) -> dict[str, str]:
