@@ -137,3 +137,16 @@ def test_fsdp_resumes_from_a_mid_stage_checkpoint(runs):
     a, b = _artifact(tmp / "fsdp", "finetune"), _artifact(run, "finetune")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_that_cannot_be_engaged_is_an_error(tmp_path):
+    """A plain `vlm train` (no process group) asking for fsdp is refused, not run as plain data parallel."""
+    from vlm.errors import UserError
+    from vlm.recipe.schema import load_recipe
+    from vlm.train.steps import train
+
+    recipe = write_recipe(tmp_path)
+    with pytest.raises(UserError, match="fsdp needs a process group"):
+        train(load_recipe(recipe, ["distributed.strategy=fsdp", "stages.finetune.enabled=false",
+                                   "stages.align.max_steps=1", "stages.align.batch_size=4"]), tmp_path / "run")
+    assert not list((tmp_path / "run").glob("artifacts/*/weights.safetensors"))
