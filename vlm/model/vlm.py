@@ -302,7 +302,7 @@ class VLM(nn.Module):
         prompts: Sequence[str],
         continuations: Sequence[Sequence[str] | str],
         chat_template: bool = True,
-        batch_size: int | None = None,
+        batch_size: int = 8,
         token_budget: int = 1024,
     ) -> list[list[ScoreResult]]:
         """Log-likelihood of each continuation given its item's image(s) and prompt.
@@ -311,17 +311,16 @@ class VLM(nn.Module):
         into rows that follow the prefix's KV cache, with a block attention mask (each continuation sees
         the prefix and its own earlier tokens) and positions restarting at the prefix length, so every
         continuation is scored exactly as if it had been run alone, without copying the cache per
-        continuation. `batch_size` bounds the items whose prefixes run together (default: all given; eval tasks
-        batch by `--batch-size`); `token_budget` bounds the continuation tokens per forward pass.
+        continuation. `batch_size` bounds the prefixes run together (tasks that score several images per item pass
+        items x images prefixes, so this stays bounded); `token_budget` bounds the continuation tokens per forward.
         Returns, per item, one `ScoreResult` per continuation (a str continuation counts as a list of one).
         """
         if not (len(images) == len(prompts) == len(continuations)):
             raise ValueError(f"images ({len(images)}), prompts ({len(prompts)}) and continuations ({len(continuations)}) differ in length")
         conts = [[c] if isinstance(c, str) else list(c) for c in continuations]
         results: list[list[ScoreResult]] = []
-        step = batch_size or max(len(prompts), 1)
-        for start in range(0, len(prompts), step):
-            stop = start + step
+        for start in range(0, len(prompts), batch_size):
+            stop = start + batch_size
             chunk_images = [_as_image_list(x) for x in images[start:stop]]
             seqs = [self._prompt_ids(p, len(im), chat_template) for p, im in zip(prompts[start:stop], chunk_images)]
             results.extend(self._score_chunk(seqs, chunk_images, conts[start:stop], token_budget))
@@ -332,7 +331,10 @@ class VLM(nn.Module):
     ) -> list[list[ScoreResult]]:
         ids, mask = self._left_pad(prefixes)
         flat_images = [im for group in images for im in group]
-        out = self.forward(ids, mask, pixels=self.preprocess(flat_images) if flat_images else None, use_cache=True)
+        # logits of the last prefix position only (left padding puts every row's last token there): [B, T, vocab]
+        # would be gigabytes at LLaVA sizes (576 image tokens, 32K-152K vocabularies)
+        out = self.forward(ids, mask, pixels=self.preprocess(flat_images) if flat_images else None, use_cache=True,
+                           logits_to_keep=1)
         first_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's 1st token
         prefix_cache = list(out.past_key_values)
         prefix_len = mask.sum(-1)
