@@ -23,8 +23,9 @@ from vlm.loading import load_vlm
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", help="a run dir (model, eval.tasks of its recipe.yaml, output)")
-    parser.add_argument("--model", help="a model spec for load_vlm (hf-llava:<dir>, a recipe, zoo:<name>)")
+    parser.add_argument("--model", help="a model spec for load_vlm (hf:<dir or hub id>, hf-llava:<dir>, a recipe, zoo:<name>)")
     parser.add_argument("--tasks", help="comma-separated task recipe names (recipes/eval/*.yaml) or YAML files")
+    parser.add_argument("--tasks-file", help="a YAML file holding a list of task specs (as a recipe's eval.tasks)")
     parser.add_argument("--out", help="output dir (default: the run dir)")
     parser.add_argument("--batch-size", type=int, default=8, help="items per forward / generate call, per process")
     parser.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
@@ -36,7 +37,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either a RUN_DIR or --model SPEC (not both, not neither): "
                         "`vlm eval RUN_DIR` or `vlm eval --model SPEC --tasks a,b --out DIR`.")
     tasks: list[Any]
-    if args.tasks:
+    if args.tasks and args.tasks_file:
+        raise UserError("give --tasks or --tasks-file, not both.")
+    if args.tasks_file:
+        path = Path(args.tasks_file)
+        tasks = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if not isinstance(tasks, list) or not tasks:
+            raise UserError(f"--tasks-file {path}: expected a YAML file holding a non-empty list of task specs "
+                            "(recipe names or mappings, as a recipe's eval.tasks).")
+    elif args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     elif args.run_dir:
         recipe = Path(args.run_dir) / "recipe.yaml"
@@ -46,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         if not tasks:
             raise UserError(f"{recipe} lists no `eval: {{tasks: [...]}}`; pass --tasks a,b.")
     else:
-        raise UserError("--model needs --tasks a,b (task recipe names from recipes/eval/).")
+        raise UserError("--model needs --tasks a,b (task recipe names from recipes/eval/) or --tasks-file FILE.")
     out = args.out or args.run_dir
     if not out:
         raise UserError("--model needs --out DIR for the results.")
