@@ -138,12 +138,15 @@ class Task:
         items = self.limited_items()
         done = {str(r["id"]) for p in (pred_path, *shard_files(task_dir)) for r in read_jsonl(p)}
         shard.barrier()  # every process has read the same `done` before any of them appends
-        todo = [it for it in items if str(it["id"]) not in done][shard.rank :: shard.world]
+        remaining = [it for it in items if str(it["id"]) not in done]
+        todo = remaining[shard.rank :: shard.world]
         out_path = pred_path if shard.world == 1 else task_dir / f"predictions.shard-{shard.rank}.jsonl"
         _drop_torn_line(out_path)
         bs = int(self.cfg.get("batch_size", batch_size))
-        desc = self.name if shard.world == 1 else f"{self.name} [rank 0 of {shard.world}]"
-        with tqdm(total=len(todo), desc=desc, unit="item", disable=not shard.main) as bar:
+        # one process: all items, those done before counted in; several: rank 0's own slice
+        desc, total, initial = ((self.name, len(items), len(items) - len(remaining)) if shard.world == 1
+                                else (f"{self.name} [rank 0 of {shard.world}]", len(todo), 0))
+        with tqdm(total=total, initial=initial, desc=desc, unit="item", disable=not shard.main) as bar:
             for start in range(0, len(todo), bs):
                 batch = todo[start : start + bs]
                 for rec in self.predict(model, batch):
