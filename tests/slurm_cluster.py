@@ -9,10 +9,9 @@ Partitions (all on the one node):
   debug   the default; no time limit
   short   MaxTime=1 minute, for time-limit tests (a job's `--signal=USR2@N` arrives up to 60 s before the limit,
           slurmctld checks limits every 30 s)
-`JobRequeue=1` lets jobs requeue themselves (`scontrol requeue`, which submitit's checkpointing calls).
-Preemption: `PreemptType=preempt/partition_prio` with `PreemptMode=REQUEUE`; the `urgent` partition's jobs
-preempt the others', which get `GraceTime=30` s and, with `SlurmctldParameters=preempt_send_user_signal`, the
-job's `--signal` at the start of that grace time.
+`JobRequeue=1` lets jobs requeue themselves (`scontrol requeue`, which submitit's checkpointing calls), and
+`AuthInfo=...,cred_expire=10` shortens the wait before a requeued job may start again from SLURM's default 120 s to
+about 10 s. `KillWait=10`: SIGKILL follows SIGTERM (scancel, time limit) after 10 s.
 
 `available()` says why a cluster cannot be started here (None when it can); `ensure_installed()` installs the
 packages with apt-get when running as root (dev.py calls it before the tests in CI).
@@ -227,13 +226,9 @@ JobRequeue=1
 KillWait=10
 MinJobAge=600
 InactiveLimit=0
-PreemptType=preempt/partition_prio
-PreemptMode=REQUEUE
-SlurmctldParameters=preempt_send_user_signal
 NodeName={node} CPUs={fields['CPUs']} RealMemory={int(fields['RealMemory']) * 9 // 10} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
-PartitionName=short Nodes={node} MaxTime=1 State=UP PriorityTier=1 GraceTime=30
-PartitionName=urgent Nodes={node} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes={node} MaxTime=1 State=UP
 """)
     env = {**os.environ, "SLURM_CONF": str(conf)}
     return conf, node, env

@@ -2,12 +2,12 @@
 preemption, multi-node training, and evaluation in jobs of its own.
 
 - **Training job** (`PointJob`, one per point): `run_point` in a submitit job. On SLURM's warning signal
-  (`--signal=USR2@<slurm.signal_delay_s>`, submitit's default 90 s before the time limit; at preemption too where
-  the cluster sets `SlurmctldParameters=preempt_send_user_signal`) submitit calls `PointJob.checkpoint`: it asks
+  (`--signal=USR2@<slurm.signal_delay_s>`, submitit's default 90 s before the time limit) submitit calls `PointJob.checkpoint`: it asks
   the trainer to stop (`vlm.train.stop`: the trainer saves a checkpoint at its next step boundary and exits with
   `STOPPED_EXIT_CODE`), waits for it, and returns the same job, which submitit requeues (`scontrol requeue`). The
   requeued job runs `vlm train` on the same run dir again, which resumes bitwise from that checkpoint. A job may be
-  requeued for its time limit `slurm.max_num_timeout` times (default 20); preemptions do not count.
+  requeued for its time limit `slurm.max_num_timeout` times (default 20). A job whose training ended just as the
+  signal came is not requeued when nothing is left to do in it.
 - **Multi-node** (`slurm.nodes: N > 1`): the job has one task per node; each starts `torchrun` for its node
   (`--nnodes N --node_rank $SLURM_NODEID --nproc_per_node P`, the rendezvous at the first host of the allocation,
   `scontrol show hostnames $SLURM_JOB_NODELIST`), so the N nodes run one training of N x P processes. The first
@@ -15,13 +15,16 @@ preemption, multi-node training, and evaluation in jobs of its own.
 - **Evaluation jobs** (grid key `slurm_eval: {...}`, submitit parameters such as `timeout_min`, `gpus_per_node`,
   `partition`): the training job only trains (`vlm train --no-eval`) and every eval task of the point becomes a job
   of its own (`EvalJob`), submitted with `--dependency=afterok:<training job>`, so a finished point is evaluated
-  while other points train, and a failed task is resubmitted alone by the next `vlm grid` run. The point is done
-  when every task has its results; `RUN_DIR/results.json` is rebuilt from `RUN_DIR/eval/<task>/results.json`.
+  while other points train, and a failed task is resubmitted alone by the next `vlm grid` run. (A training job that
+  once ended at its time limit before it could stop makes SLURM drop those dependent jobs; the training job
+  submits them again when it has finished.) The point is done when every task has its results;
+  `RUN_DIR/results.json` is rebuilt from `RUN_DIR/eval/<task>/results.json`.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,9 +38,10 @@ from omegaconf import OmegaConf
 
 from eval.runner import resolve_task, summarize
 from vlm.errors import UserError
-from vlm.grid.executors import (DONE, EVALUATING, FAILED, QUEUED, bookkeeping, default_cli, is_locked, log_path,
+from vlm.grid.executors import (DONE, EVALUATING, FAILED, QUEUED, STOPPED_EXIT_CODE, bookkeeping, default_cli, is_locked, log_path,
                                 read_record, record_event, run_child, run_point, stop_child, stop_file, tail,
                                 train_command, write_record)
+from vlm.grid.spec import load_grid
 from vlm.io import atomic_write_json, atomic_write_text, read_json
 
 GENERIC = {"name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node",
@@ -94,11 +98,13 @@ class PointJob(submitit.helpers.Checkpointable):
     def __call__(self, grid_dir: str, pid: str, cli: Sequence[str] | None, procs_per_node: int, nodes: int,
                  evaluate: bool) -> str:
         env = submitit.JobEnvironment()
-        if nodes == 1:  # one node: `accelerate launch` with the plan's process count, as the local executor does
-            return run_point(grid_dir, pid, cli, evaluate=evaluate)
+        if env.global_rank == 0:  # the point's bookkeeping; on one node `accelerate launch` as when run locally
+            launcher = node_launcher(procs_per_node, nodes) if nodes > 1 else []
+            state = run_point(grid_dir, pid, cli, launcher=launcher, evaluate=evaluate)
+            if state == EVALUATING:
+                _ensure_eval_jobs(Path(grid_dir), pid, cli)
+            return state
         launcher = node_launcher(procs_per_node, nodes)
-        if env.global_rank == 0:
-            return run_point(grid_dir, pid, cli, launcher=launcher, evaluate=evaluate)
         # another node of a multi-node training: its share of the processes, no bookkeeping (node 0 keeps it)
         plan = read_json(bookkeeping(Path(grid_dir)) / "plan.json")
         point = next(p for p in plan["points"] if p["id"] == pid)
@@ -108,15 +114,44 @@ class PointJob(submitit.helpers.Checkpointable):
         rc = run_child("train", cmd, log, stop_file(Path(grid_dir), pid))
         return f"node {env.node} exited with code {rc}"
 
-    def checkpoint(self, grid_dir: str, pid: str, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """SLURM's warning signal: stop the trainer at a step boundary (it saves a checkpoint), then requeue."""
-        rc = stop_child()
-        grid_dir_p = Path(grid_dir)
-        if read_record(grid_dir_p, pid).get("state") != DONE:
-            write_record(grid_dir_p, pid, state=QUEUED, error=None,
-                         note=f"requeued at {time.strftime('%H:%M:%S')} (time limit or preemption)")
-            record_event(grid_dir_p, pid, "requeued", child_exit=rc)
-        return super().checkpoint(grid_dir, pid, *args, **kwargs)
+    def checkpoint(self, grid_dir: str, pid: str, cli: Sequence[str] | None, procs_per_node: int, nodes: int,
+                   evaluate: bool) -> submitit.helpers.DelayedSubmission | None:
+        """SLURM's warning signal: stop the trainer at a step boundary (it saves a checkpoint) and requeue the job.
+        When the work was already done (training ended as the signal came, and the eval tasks are jobs of their
+        own), the job ends successfully instead; when the trainer failed, it ends without a requeue."""
+        step, rc = stop_child()
+        gd = Path(grid_dir)
+        rec = read_record(gd, pid)
+        if step == "train" and rc == 0 and not evaluate and rec.get("state") != DONE:
+            write_record(gd, pid, state=EVALUATING, trained=True, finished=time.time(), error=None, log_tail=None)
+            record_event(gd, pid, "trained")
+        if rec.get("state") == DONE or (step in ("train", None) and rc in (0, None) and not evaluate
+                                        and read_record(gd, pid).get("trained")):
+            if not evaluate:
+                _ensure_eval_jobs(gd, pid, cli)
+            sys.exit(0)  # nothing left to resume: the job ends as completed (its dependent eval jobs start)
+        if step == "train" and rc not in (STOPPED_EXIT_CODE, 0, None, -signal.SIGTERM, -signal.SIGKILL):
+            log = log_path(gd, pid)
+            write_record(gd, pid, state=FAILED, error=f"train exited with code {rc} (log: {log})", log_tail=tail(log))
+            record_event(gd, pid, FAILED)
+            return None
+        # -SIGTERM / -SIGKILL: SLURM ended the trainer before it could stop (the hard limit, or `scancel` in the
+        # warning window: SLURM cannot tell them apart yet, so the job is requeued either way)
+        write_record(gd, pid, state=QUEUED, error=None,
+                     note=f"requeued at {time.strftime('%H:%M:%S')} (time limit or preemption)")
+        record_event(gd, pid, "requeued", step=step, child_exit=rc)
+        return super().checkpoint(grid_dir, pid, cli, procs_per_node, nodes, evaluate)
+
+
+def _ensure_eval_jobs(grid_dir: Path, pid: str, cli: Sequence[str] | None) -> None:
+    """From the training job of a trained point: submit its eval jobs that SLURM no longer has. An eval job waits
+    for the training job with `afterok`; when a requeued training job once ended at its time limit before it could
+    stop, SLURM drops the eval jobs (that dependency can no longer be met), so the training job replaces them."""
+    if submitit.JobEnvironment().cluster != "slurm":
+        return
+    grid = load_grid(grid_dir / "grid.yaml")
+    point = next(p for p in read_json(bookkeeping(grid_dir) / "plan.json")["points"] if p["id"] == pid)
+    submit(grid, grid_dir, [point], cli, cluster="slurm", echo=lambda *_: None)
 
 
 # ---------------------------------------------------------------- eval jobs
@@ -169,7 +204,8 @@ class EvalJob(submitit.helpers.Checkpointable):
             attempt = int(state.get("attempts", 0)) + 1
             _set_task(grid_dir_p, pid, name, state="running", attempts=attempt, host=socket.gethostname())
             spec = _task_spec(run_dir, name)
-            spec_file = bookkeeping(grid_dir_p) / "eval" / pid / f"{name}.yaml"
+            # no comma in the path: `vlm eval --tasks` splits on commas (run ids have them)
+            spec_file = bookkeeping(grid_dir_p) / "eval" / pid.replace(",", "+") / f"{name}.yaml"
             atomic_write_text(spec_file, json.dumps(spec))  # JSON is YAML
             log = log_path(grid_dir_p, f"{pid}.eval.{name}")
             cmd = [*(cli or default_cli()), "eval", str(run_dir), "--tasks", str(spec_file)]
