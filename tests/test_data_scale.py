@@ -325,3 +325,38 @@ def test_fast_label_spans_equal_prefix_tokenisation(family, monkeypatch):
     assert chat._token_info(tok)[2] is True  # the fast path is taken (no offset-trimming post-processor)
     monkeypatch.setattr(chat, "_prefix_tokens", lambda *a: None)  # every prefix tokenised (the definition)
     assert run() == fast
+
+
+def test_image_transform_runs_in_the_workers_and_errors_keep_their_message(files, tok):
+    """The encoder's transform applied by the TrainSet (in the DataLoader workers) gives the pixels the model's
+    own preprocess gives; a broken sample found in a worker is a UserError with its own message."""
+    import functools
+
+    import torch
+
+    from vlm.data.datasets import collate
+    from vlm.testing import tiny_vlm
+    from vlm.train.steps import _next_batch, _worker_transform
+
+    vlm = tiny_vlm("clip")
+    transform = _worker_transform(vlm)
+    assert transform is not None
+    rows = _pretrain_rows(4)
+    rows[3]["image"] = "bad.png"
+    (files / "bad.png").write_bytes(b"not an image")
+    (files / "blip.json").write_text(json.dumps(rows))
+    src = load_source("p", ds_cfg(type="llava", path=str(files / "blip.json")), "raise", data_cfg(files))
+    ds = TrainSet(src.records, vlm.tokenizer, vlm.image_token_id, vlm.num_image_tokens, 512, "raise", "plain",
+                  transform=transform)
+    from PIL import Image
+
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[[0, 1], [2, 3]], num_workers=1,
+                                         collate_fn=functools.partial(collate, pad_id=0))
+    batches = iter(loader)
+    first = _next_batch(batches)
+    expected = vlm.preprocess([Image.open(files / "ok0.png").convert("RGB"), Image.open(files / "ok1.png").convert("RGB")])
+    assert torch.equal(torch.stack(first["images"]), expected.cpu())
+    with pytest.raises(UserError) as e:
+        _next_batch(batches)
+    assert str(e.value).startswith(f"broken training sample at {files / 'blip.json'}:1 (row 3, id '000003'): cannot read")
+    assert "Traceback" not in str(e.value)
