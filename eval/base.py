@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from eval.metrics import ItemScore, ratio_of_sums
 from vlm.config import Positive
 from vlm.errors import UserError
-from vlm.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from vlm.io import append_jsonl_records, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from vlm.registry import Registry
 
 TASKS: Registry["Task"] = Registry("eval task", plugins="eval", skip=("lm_eval", "runner"))
@@ -149,8 +149,7 @@ class Task:
         with tqdm(total=total, initial=initial, desc=desc, unit="item", disable=not shard.main) as bar:
             for start in range(0, len(todo), bs):
                 batch = todo[start : start + bs]
-                for rec in self.predict(model, batch):
-                    append_jsonl(out_path, rec)
+                append_jsonl_records(out_path, self.predict(model, batch))  # one fsync per batch
                 bar.update(len(batch))
         shard.barrier()
         if not shard.main:

@@ -41,3 +41,14 @@ def test_atomic_write_replaces_and_leaves_no_temp_file(tmp_path):
     atomic_write_text(target, "{}\n")
     assert target.read_text() == "{}\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_append_jsonl_records_one_write_and_torn_line_skipped(tmp_path):
+    from vlm.io import append_jsonl_records, read_jsonl
+
+    path = tmp_path / "p.jsonl"
+    append_jsonl_records(path, [{"id": 1}, {"id": 2}])
+    append_jsonl_records(path, [])
+    with open(path, "a") as f:
+        f.write('{"id": 3, "tor')  # a crash mid-batch
+    assert [r["id"] for r in read_jsonl(path)] == [1, 2]

@@ -7,7 +7,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 _UMASK_LOCK = threading.Lock()
 
@@ -62,10 +62,18 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
 
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Append one JSON line and fsync it; readers skip a torn last line."""
+    append_jsonl_records(path, [record])
+
+
+def append_jsonl_records(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:
+    """Append JSON lines with one write and one fsync (an eval batch: one sync per batch, not per item, which
+    matters on network file systems); a crash leaves at most a torn last line, which readers skip."""
+    if not records:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+        f.write("".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
 
