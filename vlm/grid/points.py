@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import submitit
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from eval.runner import check_recipe_tasks
 from vlm.errors import UserError
-from vlm.grid.executors import DONE, FAILED, QUEUED, RUNNING, bookkeeping, is_locked, read_record, run_local, run_point, write_record
+from vlm.grid.executors import DONE, EVALUATING, FAILED, QUEUED, RUNNING, bookkeeping, is_locked, read_record, run_local, run_point, write_record
+from vlm.grid.slurm import submit, task_names
 from vlm.grid.spec import Grid, Point, compose_base, load_grid
 from vlm.io import atomic_write_json, atomic_write_text, read_json
 from vlm.recipe.keys import stage_keys
@@ -49,6 +49,19 @@ def gpus_of(cfg, grid: Grid) -> int:
     return int(dist.get("num_processes") or grid.slurm.get("gpus_per_node") or 0)
 
 
+def nodes_of(cfg, grid: Grid, pid: str) -> tuple[int, int]:
+    """(nodes, processes per node) of one point: `slurm.nodes` (default 1) and, for several nodes, the recipe's
+    `distributed.num_processes` (all nodes together) or else the grid's `slurm.gpus_per_node`."""
+    nodes = int(grid.slurm.get("nodes") or 1)
+    if nodes == 1:
+        return 1, gpus_of(cfg, grid) or 1
+    total = int(cfg.distributed.num_processes or nodes * int(grid.slurm.get("gpus_per_node") or 1))
+    if total % nodes:
+        raise UserError(f"grid {grid.path}, point {pid}: distributed.num_processes = {total} is not divisible by "
+                        f"slurm.nodes = {nodes}; give every node the same number of processes")
+    return nodes, total // nodes
+
+
 def plan_grid(grid: Grid, grid_dir: Path | None) -> list[dict[str, Any]]:
     """Expand and validate every point; returns plan entries with the resolved recipe's facts."""
     plan = []
@@ -57,9 +70,14 @@ def plan_grid(grid: Grid, grid_dir: Path | None) -> list[dict[str, Any]]:
         if grid_dir is not None and ARTIFACT_KEY not in overrides:
             overrides[ARTIFACT_KEY] = str(Path(grid_dir).resolve() / "artifacts")
         cfg = resolve_point(grid, Point(point.id, point.labels, overrides))
+        nodes, per_node = nodes_of(cfg, grid, point.id)
+        if nodes > 1:  # the recipe records the processes of all nodes: the artifact keys follow the real count
+            overrides["distributed.num_processes"] = nodes * per_node
+            cfg = resolve_point(grid, Point(point.id, point.labels, overrides))
         plan.append({"id": point.id, "labels": point.labels, "overrides": overrides,
                      "stage_keys": list(stage_keys(cfg)), "gpus": gpus_of(cfg, grid),
-                     "num_processes": int(cfg.distributed.num_processes or 0)})
+                     "num_processes": int(cfg.distributed.num_processes or 0),
+                     "nodes": nodes, "procs_per_node": per_node, "eval_tasks": task_names(cfg)})
     return plan
 
 
@@ -106,7 +124,8 @@ def prepare_grid_dir(grid: Grid, grid_dir: Path, plan: list[dict[str, Any]]) -> 
     if len(bases) == 1:
         copy["base"] = copy["base"][0]
     atomic_write_text(grid_dir / "grid.yaml", yaml.safe_dump(copy, sort_keys=False))
-    atomic_write_json(plan_file, {"name": grid.name, "source": str(grid.path.resolve()), "base": str(grid.base),
+    atomic_write_json(plan_file, {"name": grid.name, "source": str(grid.path.resolve()),
+                                  "base": str(grid.base) if grid.base else None,
                                   "axes": list(grid.axes), "groups": grid.groups, "points": plan})
 
 
@@ -117,7 +136,7 @@ def launch(grid_path: str | Path, out: str | Path | None = None, *, executor: st
     grid = load_grid(grid_path)
     grid_dir = Path(out) if out else Path("runs") / grid.name
     grid_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(grid.raw["base"], list):  # keep the composed base inside the grid dir, next to grid.yaml
+    if isinstance(grid.raw.get("base"), list):  # keep the composed base inside the grid dir, next to grid.yaml
         grid.base = compose_base([(grid.path.parent / str(b)).resolve() for b in grid.raw["base"]], bookkeeping(grid_dir))
     plan = plan_grid(grid, grid_dir)
     prepare_grid_dir(grid, grid_dir, plan)
@@ -126,55 +145,20 @@ def launch(grid_path: str | Path, out: str | Path | None = None, *, executor: st
     if executor == "local":
         return run_local(grid_dir, [p["id"] for p in todo], workers or grid.workers, cli, echo=echo)
     if executor == "slurm":
-        return submit_slurm(grid, grid_dir, todo, cli, cluster=slurm_cluster, echo=echo)
+        return submit(grid, grid_dir, todo, cli, cluster=slurm_cluster, echo=echo)
     raise UserError(f"unknown executor {executor!r}; use local or slurm")
-
-
-GENERIC_SLURM = {"name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node", "stderr_to_stdout"}
-
-
-def submit_slurm(grid: Grid, grid_dir: Path, todo: list[dict[str, Any]], cli, *, cluster: str, echo=print) -> list:
-    """One submitit job per point; each job runs `run_point` (train under `accelerate launch` with the recipe's
-    GPU count, then eval). Points whose job is still pending or running are not submitted again."""
-    jobs = []
-    folder = bookkeeping(grid_dir) / "slurm" / "%j"
-    for p in todo:
-        rec = read_record(grid_dir, p["id"])
-        if rec.get("state") == QUEUED and cluster == "slurm" and _slurm_alive(folder, rec.get("job_id")):
-            echo(f"skip  {p['id']} (job {rec['job_id']} is queued)")
-            continue
-        if is_locked(grid_dir, p["id"]):
-            echo(f"skip  {p['id']} (running elsewhere)")
-            continue
-        ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
-        params = {"name": f"{grid.name}/{p['id']}", "nodes": 1, "tasks_per_node": 1, "gpus_per_node": p["gpus"]}
-        for k, v in grid.slurm.items():
-            params[k if k in GENERIC_SLURM or k.startswith("slurm_") else f"slurm_{k}"] = v
-        ex.update_parameters(**params)
-        job = ex.submit(run_point, str(grid_dir.resolve()), p["id"], list(cli) if cli else None, p["gpus"])
-        write_record(grid_dir, p["id"], state=QUEUED, job_id=str(job.job_id))
-        echo(f"submitted {p['id']} as job {job.job_id}")
-        jobs.append(job)
-    return jobs
-
-
-def _slurm_alive(folder: Path, job_id: str | None) -> bool:
-    if not job_id:
-        return False
-    state = submitit.SlurmJob(folder=folder, job_id=job_id).state
-    return state in {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "UNKNOWN"}
 
 
 # ---------------------------------------------------------------- status
 
 
 def point_state(grid_dir: Path, pid: str) -> str:
-    """pending | queued | running | interrupted | failed | done."""
+    """pending | queued | running | interrupted | evaluating | failed | done."""
     rec = read_record(grid_dir, pid)
     state = rec.get("state")
     if is_locked(grid_dir, pid):
         return RUNNING
-    if state in (DONE, FAILED, QUEUED):
+    if state in (DONE, FAILED, QUEUED, EVALUATING):
         return state
     if state == RUNNING or (grid_dir / pid / "status.json").exists():
         return "interrupted"

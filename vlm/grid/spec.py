@@ -18,7 +18,8 @@ axes:                             # order here = order in run ids
 zip: [[llm, tmpl]]                # axes in one group advance together; groups and other axes are crossed
 exclude: [{enc: clip, lr: 2.0e-4}]    # drop points matching every listed axis label
 points: [{match: {enc: dinov2}, set: {stages.1.batch_size: 8}}]  # per-point overrides
-slurm: {partition: gpu, timeout_min: 1440}   # submitit parameters for --executor slurm
+slurm: {partition: gpu, timeout_min: 1440}   # submitit parameters of the training jobs (--executor slurm)
+slurm_eval: {timeout_min: 120, gpus_per_node: 1}  # evaluate in jobs of their own, one per eval task
 workers: 2                        # local executor: points run at the same time (`vlm grid --workers` overrides it)
 ```
 """
@@ -44,6 +45,7 @@ GRID_KEYS: dict[str, Any] = {
     "name": Optional[str], "base": Union[str, list[str]], "set": Optional[dict[str, Any]], "axes": dict[str, Any],
     "zip": Optional[list[list[str]]], "exclude": Optional[list[dict[str, Any]]], "points": Optional[list[dict[str, Any]]],
     "slurm": Optional[dict[str, Any]],
+    "slurm_eval": Optional[dict[str, Any]],  # evaluation in jobs of its own, one per eval task (vlm.grid.slurm)
     "workers": Optional[Positive],  # `vlm grid` (local executor): points at a time unless --workers is given
 }
 AXIS_KEYS: dict[str, Any] = {"key": Optional[str], "values": Union[list[Any], dict[str, Any]]}
@@ -70,6 +72,7 @@ class Grid:
     exclude: list[dict[str, str]] = field(default_factory=list)
     point_overrides: list[dict[str, Any]] = field(default_factory=list)
     slurm: dict[str, Any] = field(default_factory=dict)
+    slurm_eval: dict[str, Any] = field(default_factory=dict)  # empty: eval runs in the training job
     workers: int = 1  # the grid file's `workers:`, the local executor's default
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -164,7 +167,8 @@ def load_grid(path: str | Path) -> Grid:
                                 "set": _mapping(po["set"], path, f"points[{i}].set")})
     return Grid(path=path, name=str(raw.get("name") or path.stem), base=base, axes=axes, groups=groups,
                 common=_mapping(raw.get("set"), path, "set"), exclude=exclude, point_overrides=point_overrides,
-                slurm=_mapping(raw.get("slurm"), path, "slurm"), workers=int(raw.get("workers") or 1), raw=raw)
+                slurm=_mapping(raw.get("slurm"), path, "slurm"),
+                slurm_eval=_mapping(raw.get("slurm_eval"), path, "slurm_eval"), workers=int(raw.get("workers") or 1), raw=raw)
 
 
 def compose_base(files: list[Path], folder: Path) -> Path:
