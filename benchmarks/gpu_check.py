@@ -109,7 +109,8 @@ def summarize(out: Path) -> int:
             text = int(round(tokens)) - st["image_tokens"]
             entry.update({
                 "samples_per_s": sps, "tokens_per_sample": tokens, "text_tokens": text,
-                "planned_flops_per_sample": st["flops_per_sample"], "achieved_flops_per_s": sps * st["flops_per_sample"],
+                "planned_flops_per_sample": st["flops_per_sample"],
+                "achieved_flops_per_s": sps * st["flops_per_sample"],
                 "mfu": None if peak is None else sps * st["flops_per_sample"] / peak,
                 "measured_peak_bytes": measured, "planned_bytes": st["memory"],
                 "memory_error": (st["memory"]["total"] - measured) / measured,
@@ -121,8 +122,8 @@ def summarize(out: Path) -> int:
              "| strategy | engaged | steps | samples/s | tokens/sample | MFU | measured peak GiB | planned GiB | "
              "error | artifact | eval |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows]
     if peak is None:
-        lines += ["", "No CUDA device: the measured peak is the process RSS (libraries included) and MFU has no peak to "
-                      "divide by; only the plumbing (train, save, reload, eval under each strategy) is checked."]
+        lines += ["", "No CUDA device: the measured peak is the process RSS (libraries included) and MFU has no peak "
+                      "to divide by; only the plumbing (train, save, reload, eval under each strategy) is checked."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if rows else 1
@@ -149,7 +150,8 @@ def _row(strategy: str, e: dict) -> str:
 
     gib = 2**30
     eng = e.get("engaged")
-    eng = f"{eng.get('strategy')}: {eng.get('engaged')}, world {eng.get('world_size')}" if isinstance(eng, dict) else eng
+    if isinstance(eng, dict):
+        eng = f"{eng.get('strategy')}: {eng.get('engaged')}, world {eng.get('world_size')}"
     return (f"| {strategy} | {eng or '-'} | {e['steps_logged']} | {f(e.get('samples_per_s'), '.2f')} | "
             f"{f(e.get('tokens_per_sample'), '.0f')} | {f(e.get('mfu'), '.1%')} | "
             f"{f(None if 'measured_peak_bytes' not in e else e['measured_peak_bytes'] / gib, '.2f')} | "
