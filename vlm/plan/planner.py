@@ -195,7 +195,8 @@ def plan_config(cfg: Mapping[str, Any], settings: Settings, *, point_id: str = "
         try:
             dtype = PRECISION_DTYPE[st["precision"]]
             length = int(st["max_length"])
-            tkey = (model_key, json.dumps(st["freeze"], sort_keys=True), length, st["precision"], settings.text_tokens)
+            shape = {m: [st["freeze"][m][k] for k in ("mode", "r", "dropout", "target_modules", "k")] for m in MODULES}
+            tkey = (model_key, json.dumps(shape), length, st["precision"], settings.text_tokens)  # lr is not a shape
             if tkey not in memo.traces:
                 memo.traces[tkey] = trace_sample(vlm, length, dtype, text_tokens=settings.text_tokens)
             trace = memo.traces[tkey]
