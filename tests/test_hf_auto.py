@@ -197,8 +197,9 @@ def _hf_inputs(proc, parts: list[dict]) -> dict:
     return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
 
 
-def _hf_logprob(hf, inputs: dict, cont: list[int]) -> float:
-    """Sum of log p(cont | prompt) from one full forward of prompt + continuation."""
+def _hf_logprob(hf, inputs: dict, cont: list[int], greedy: bool = False) -> float | tuple[float, bool]:
+    """Sum of log p(cont | prompt) from one full forward of prompt + continuation (and, with `greedy`, whether
+    every continuation token is the argmax of its logits)."""
     c = torch.tensor([cont])
     full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], c], 1),
                 attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(c)], 1))
@@ -209,7 +210,10 @@ def _hf_logprob(hf, inputs: dict, cont: list[int]) -> float:
     with torch.no_grad():
         logp = torch.log_softmax(hf(**full).logits[0].float(), -1)
     start = inputs["input_ids"].shape[1]
-    return float(sum(logp[start - 1 + t, tok] for t, tok in enumerate(cont)))
+    total = float(sum(logp[start - 1 + t, tok] for t, tok in enumerate(cont)))
+    if greedy:
+        return total, all(int(logp[start - 1 + t].argmax()) == tok for t, tok in enumerate(cont))
+    return total
 
 
 CONTINUATIONS = [" a red square", " two blue circles on a table", "B"]
@@ -221,13 +225,21 @@ def test_score_equals_hf_forward(checkpoint):
     assert isinstance(ours, HFAutoVLM) and ours.model_type == arch
     proc, hf = _reference(d)
     img = _image(0)
-    res = ours.score([img], ["<image>\nWhat is shown in the picture?"], [CONTINUATIONS], batch_size=2)[0]
     inputs = _hf_inputs(proc, [{"type": "image", "image": img}, {"type": "text", "text": "What is shown in the picture?"}])
-    for cont, r in zip(CONTINUATIONS, res):
+    with torch.no_grad():  # the model's greedy next token, as a continuation whose is_greedy must be True
+        first = int(hf(**inputs).logits[0, -1].argmax())
+    greedy_text = proc.tokenizer.decode([first])  # (a byte-fallback piece does not decode to itself: then skip it)
+    roundtrip = proc.tokenizer(greedy_text, add_special_tokens=False)["input_ids"] == [first]
+    conts = CONTINUATIONS + ([greedy_text] if roundtrip else [])
+    res = ours.score([img], ["<image>\nWhat is shown in the picture?"], [conts], batch_size=2)[0]
+    assert res[-1]["is_greedy"] is roundtrip
+    for cont, r in zip(conts, res):
         ids = proc.tokenizer(cont, add_special_tokens=False)["input_ids"]
         assert r["num_tokens"] == len(ids)
-        assert r["sum_logprob"] == pytest.approx(_hf_logprob(hf, inputs, ids), abs=1e-4)
+        total, greedy = _hf_logprob(hf, inputs, ids, greedy=True)
+        assert r["sum_logprob"] == pytest.approx(total, abs=1e-4)
         assert r["mean_logprob"] == pytest.approx(r["sum_logprob"] / len(ids))
+        assert r["is_greedy"] is greedy
 
 
 def test_score_verbatim_prompt(checkpoint):
@@ -284,6 +296,16 @@ def test_text_only_items_and_placeholder_count(checkpoint):
         assert res["num_tokens"] >= 1 and res["sum_logprob"] < 0
     with pytest.raises(UserError, match="placeholders"):
         ours.score([[_image(0), _image(1)]], ["<image> one"], [[" x"]])
+
+
+def test_is_greedy_is_every_token_the_argmax():
+    logprobs = torch.log_softmax(torch.tensor([[[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]],
+                                               [[0.0, 2.0, 1.0], [0.0, 0.0, 3.0]]]), -1)
+    ids = torch.tensor([[1, 0], [1, 1]])
+    out = HFAutoVLM._gather(logprobs, ids, [[1, 0], [1]])  # row 1 has one token; its second id is padding
+    assert [g for _, g in out] == [True, True]
+    assert out[0][0] == pytest.approx(float(logprobs[0, 0, 1] + logprobs[0, 1, 0]))
+    assert HFAutoVLM._gather(logprobs, ids, [[1, 0], [1, 1]])[1][1] is False
 
 
 def test_bad_spec_is_a_user_error(tmp_path):

@@ -228,12 +228,12 @@ class HFAutoVLM:
             conts = [conts] if isinstance(conts, str) else list(conts)
             toks = [self.continuation_ids(c) for c in conts]
             inputs = self.inputs([text], [im], chat_template)
-            sums: list[float] = []
+            sums: list[tuple[float, bool]] = []
             for start in range(0, len(toks), batch_size):
                 group = toks[start:start + batch_size]
                 score = self._score_cached if self.family.kv_shared else self._score_full
                 sums.extend(score(inputs, group))
-            results.append([ScoreResult(s, s / len(t), len(t)) for s, t in zip(sums, toks)])
+            results.append([ScoreResult(s, s / len(t), len(t), is_greedy=g) for (s, g), t in zip(sums, toks)])
         return results
 
     def _cont_batch(self, toks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,10 +247,12 @@ class HFAutoVLM:
         return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
-    def _gather(logprobs: torch.Tensor, ids: torch.Tensor, toks: list[list[int]]) -> list[float]:
-        """Sum of log p(ids[i, t]) with `logprobs[i, t]` predicting token t of continuation i."""
+    def _gather(logprobs: torch.Tensor, ids: torch.Tensor, toks: list[list[int]]) -> list[tuple[float, bool]]:
+        """(sum of log p(ids[i, t]), whether every ids[i, t] is the argmax) with `logprobs[i, t]` predicting
+        token t of continuation i."""
         lp = logprobs.gather(-1, ids[..., None]).squeeze(-1)
-        return [float(lp[i, :len(t)].sum()) for i, t in enumerate(toks)]
+        greedy = logprobs.argmax(-1) == ids
+        return [(float(lp[i, :len(t)].sum()), bool(greedy[i, :len(t)].all())) for i, t in enumerate(toks)]
 
     def _continuation_inputs(self, inputs: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> dict[str, Any]:
         """Model inputs for continuation rows `ids` after the cached prefix, built the way a decoding step of
@@ -275,7 +277,7 @@ class HFAutoVLM:
             full_ids, next_sequence_length=width, cache=cache, attention_mask=full_mask, position_ids=positions,
             use_cache=True, is_first_iteration=False, **types)
 
-    def _score_cached(self, inputs: Any, toks: list[list[int]]) -> list[float]:
+    def _score_cached(self, inputs: Any, toks: list[list[int]]) -> list[tuple[float, bool]]:
         """Prefix once, continuations as one batch on copies of its KV cache."""
         n = len(toks)
         out = self.model(**inputs, use_cache=True)
@@ -288,7 +290,7 @@ class HFAutoVLM:
         logprobs = torch.cat([first[:, None].expand(n, -1, -1), torch.log_softmax(logits[:, :-1], -1)], 1)
         return self._gather(logprobs, ids, toks)
 
-    def _score_full(self, inputs: Any, toks: list[list[int]]) -> list[float]:
+    def _score_full(self, inputs: Any, toks: list[list[int]]) -> list[tuple[float, bool]]:
         """One forward of prefix + continuation per continuation (the images re-encoded each time)."""
         sums = []
         for t in toks:
@@ -304,8 +306,9 @@ class HFAutoVLM:
         return sums
 
 
-def load_hf_auto(spec: str, dtype: torch.dtype = torch.float32, device: str | None = None) -> HFAutoVLM:
-    """Load `spec` (a local dir or a hub id) with AutoModelForImageTextToText + AutoProcessor."""
+def load_hf_auto(spec: str, dtype: torch.dtype | str = "auto", device: str | None = None) -> HFAutoVLM:
+    """Load `spec` (a local dir or a hub id) with AutoModelForImageTextToText + AutoProcessor; `dtype` "auto"
+    keeps the checkpoint's own (bf16 for most hub VLMs), as HF recommends for inference."""
     try:
         processor = AutoProcessor.from_pretrained(spec)
         model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype)
