@@ -323,8 +323,11 @@ def test_fast_label_spans_equal_prefix_tokenisation(family, monkeypatch):
 
     fast = run()
     assert chat._token_info(tok)[2] is True  # the fast path is taken (no offset-trimming post-processor)
-    monkeypatch.setattr(chat, "_prefix_tokens", lambda *a: None)  # every prefix tokenised (the definition)
+    monkeypatch.setattr(chat, "_exact_offsets", lambda t: False)  # every prefix tokenised (the definition)
+    chat._TOKEN_INFO.clear()
+    assert chat._token_info(tok)[2] is False
     assert run() == fast
+    chat._TOKEN_INFO.clear()
 
 
 def test_image_transform_runs_in_the_workers_and_errors_keep_their_message(files, tok):

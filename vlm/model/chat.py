@@ -87,7 +87,8 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def _exact_offsets(tokenizer: Any) -> bool:
     """Whether the tokenizer reports each token's exact character span: a fast tokenizer whose post-processor does
-    not trim offsets (a ByteLevel post-processor with `trim_offsets` drops the leading space of " word")."""
+    not trim offsets (a ByteLevel post-processor with `trim_offsets` drops the leading space of " word") and whose
+    backend tokenises as the tokenizer itself does."""
     if not getattr(tokenizer, "is_fast", False):
         return False
 
@@ -96,7 +97,11 @@ def _exact_offsets(tokenizer: Any) -> bool:
             return (p.get("type") == "ByteLevel" and p.get("trim_offsets", False)) or any(trims(v) for v in p.values())
         return isinstance(p, list) and any(trims(v) for v in p)
 
-    return not trims(json.loads(tokenizer.backend_tokenizer.to_str()).get("post_processor"))
+    if trims(json.loads(tokenizer.backend_tokenizer.to_str()).get("post_processor")):
+        return False
+    # the fast path encodes with the backend directly: it must tokenise as the tokenizer's own __call__ does
+    probe = f" Hi\n\n  there{tokenizer.eos_token or ''}USER: <image>\nx é{tokenizer.bos_token or ''} 12"
+    return _encode(tokenizer, probe) == tokenizer.backend_tokenizer.encode(probe, add_special_tokens=False).ids
 
 
 def _prefix_tokens(text: str, offsets: Sequence[tuple[int, int]], starts: Sequence[int], part: str) -> int | None:
@@ -175,8 +180,8 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     specials, image_id, exact_offsets = _token_info(tokenizer)
     specials = set(specials)
     if exact_offsets:  # one encoding; prefix renders are located by character spans (tokenised only if ambiguous)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        full, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        full, offsets = list(enc.ids), enc.offsets
         starts = [s for s, _ in offsets]
     else:
         full, offsets, starts = _encode(tokenizer, text), None, []
