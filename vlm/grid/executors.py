@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from filelock import FileLock, Timeout
 
+from vlm.grid.survey import eval_command
 from vlm.io import append_jsonl, atomic_write_json, read_json
 from vlm.train.stop import STOP_FILE_ENV, STOPPED_EXIT_CODE
 
@@ -127,7 +128,10 @@ def train_command(grid_dir: Path, point: dict[str, Any], cli: Sequence[str], gpu
 
 def point_commands(grid_dir: Path, point: dict[str, Any], cli: Sequence[str], gpus: int = 0,
                    launcher: Sequence[str] = (), evaluate: bool = True) -> list[tuple[str, list[str]]]:
-    """`train` (see `train_command`) and, unless `evaluate` is false, `eval` for one point of the plan."""
+    """`train` (see `train_command`) and, unless `evaluate` is false, `eval` for one point of the plan; a survey
+    grid's point is its `eval` alone (`vlm.grid.survey`)."""
+    if point.get("survey"):
+        return [("eval", eval_command(list(cli), point, Path(grid_dir) / point["id"]))]
     train = ("train", train_command(grid_dir, point, cli, gpus, launcher, evaluate))
     return [train, ("eval", [*cli, "eval", str(Path(grid_dir) / point["id"])])] if evaluate else [train]
 
@@ -218,7 +222,7 @@ def run_point(grid_dir: str | Path, pid: str, cli: Sequence[str] | None = None, 
         procs = int(point.get("num_processes") or 0) if gpus is None else gpus
         for step, cmd in point_commands(grid_dir, {**point, "base": plan["base"]}, cli or default_cli(), procs,
                                         launcher, evaluate):
-            if step == "eval" and (grid_dir / pid / "results.json").exists():
+            if step == "eval" and not point.get("survey") and (grid_dir / pid / "results.json").exists():
                 break  # `vlm train` already evaluated the recipe's eval.tasks
             rc = run_child(step, cmd, log, stop_file(grid_dir, pid) if step == "train" else None)
             if rc == STOPPED_EXIT_CODE:

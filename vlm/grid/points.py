@@ -20,6 +20,7 @@ from vlm.errors import UserError
 from vlm.grid.executors import DONE, EVALUATING, FAILED, QUEUED, RUNNING, bookkeeping, is_locked, read_record, run_local, run_point, write_record
 from vlm.grid.slurm import submit, task_names
 from vlm.grid.spec import Grid, Point, compose_base, load_grid
+from vlm.grid.survey import print_survey_plan, survey_plan, write_tasks
 from vlm.io import atomic_write_json, atomic_write_text, read_json
 from vlm.recipe.keys import stage_keys
 from vlm.recipe.schema import load_recipe
@@ -64,6 +65,8 @@ def nodes_of(cfg, grid: Grid, pid: str) -> tuple[int, int]:
 
 def plan_grid(grid: Grid, grid_dir: Path | None) -> list[dict[str, Any]]:
     """Expand and validate every point; returns plan entries with the resolved recipe's facts."""
+    if grid.survey is not None:
+        return survey_plan(grid)
     plan = []
     for point in grid.points():
         overrides = dict(point.overrides)
@@ -82,6 +85,8 @@ def plan_grid(grid: Grid, grid_dir: Path | None) -> list[dict[str, Any]]:
 
 
 def print_plan(grid: Grid, plan: list[dict[str, Any]], out=None) -> None:
+    if grid.survey is not None:
+        return print_survey_plan(grid, plan, out)
     console = Console(file=out or sys.stdout, width=160)
     table = Table(title=f"grid {grid.name}: {len(plan)} points (base {grid.base})")
     table.add_column("#", justify="right")
@@ -119,10 +124,16 @@ def prepare_grid_dir(grid: Grid, grid_dir: Path, plan: list[dict[str, Any]]) -> 
                     "gives it; launch into a new --out, or delete that point's run dir and its _grid/points record")
         kept = [p for p in read_json(plan_file)["points"] if p["id"] not in {q["id"] for q in plan}]
         plan = plan + kept
-    bases = grid.raw["base"] if isinstance(grid.raw["base"], list) else [grid.raw["base"]]
-    copy = dict(grid.raw, base=[str((grid.path.parent / str(b)).resolve()) for b in bases])
-    if len(bases) == 1:
-        copy["base"] = copy["base"][0]
+    copy = dict(grid.raw)
+    if grid.survey is None:
+        bases = grid.raw["base"] if isinstance(grid.raw["base"], list) else [grid.raw["base"]]
+        copy["base"] = [str((grid.path.parent / str(b)).resolve()) for b in bases]
+        if len(bases) == 1:
+            copy["base"] = copy["base"][0]
+    else:  # the points run `vlm eval --tasks-file` on the survey's task list
+        tasks_file = write_tasks(grid, bookkeeping(grid_dir) / "survey_tasks.yaml")
+        for p in plan:
+            p["survey"] = {**p["survey"], "tasks_file": tasks_file}
     atomic_write_text(grid_dir / "grid.yaml", yaml.safe_dump(copy, sort_keys=False))
     atomic_write_json(plan_file, {"name": grid.name, "source": str(grid.path.resolve()),
                                   "base": str(grid.base) if grid.base else None,

@@ -38,11 +38,13 @@ import yaml
 
 from vlm.config import Positive, check
 from vlm.errors import UserError
+from vlm.grid.survey import parse_survey
 from vlm.io import atomic_write_text
 
 # the keys of a grid file and of one axis, checked with `vlm.config.check` (see the module docstring)
 GRID_KEYS: dict[str, Any] = {
-    "name": Optional[str], "base": Union[str, list[str]], "set": Optional[dict[str, Any]], "axes": dict[str, Any],
+    "name": Optional[str], "base": Optional[Union[str, list[str]]], "set": Optional[dict[str, Any]], "axes": dict[str, Any],
+    "survey": Optional[dict[str, Any]],  # a survey grid: models evaluated, nothing trained (vlm.grid.survey)
     "zip": Optional[list[list[str]]], "exclude": Optional[list[dict[str, Any]]], "points": Optional[list[dict[str, Any]]],
     "slurm": Optional[dict[str, Any]],
     "slurm_eval": Optional[dict[str, Any]],  # evaluation in jobs of its own, one per eval task (vlm.grid.slurm)
@@ -65,7 +67,7 @@ class Point:
 class Grid:
     path: Path
     name: str
-    base: Path  # one recipe file (a list of bases is composed into one, see `compose_base`)
+    base: Path | None  # one recipe file (a list of bases is composed into one, see `compose_base`); None: a survey
     axes: dict[str, dict[str, Any]]  # axis -> {"key": str|None, "values": {label: value}}
     groups: list[list[str]]  # crossed factors; each a list of zipped axes
     common: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +77,7 @@ class Grid:
     slurm_eval: dict[str, Any] = field(default_factory=dict)  # empty: eval runs in the training job
     workers: int = 1  # the grid file's `workers:`, the local executor's default
     raw: dict[str, Any] = field(default_factory=dict)
+    survey: dict[str, Any] | None = None  # a survey grid's `survey:` section (vlm.grid.survey)
 
     def points(self) -> list[Point]:
         return expand(self)
@@ -139,19 +142,25 @@ def load_grid(path: str | Path) -> Grid:
     except yaml.YAMLError as e:
         raise UserError(f"grid {path} is not valid YAML: {e}") from None
     raw = _mapping(raw, path, "top level")
-    if "base" not in raw:
+    survey = parse_survey(raw, path) if "survey" in raw else None
+    if survey is None and "base" not in raw:
         raise _err(path, "top level", "missing `base`: the recipe every point starts from")
     try:
         check(raw, GRID_KEYS, "")
     except UserError as e:
         raise UserError(f"grid {path}: {e}") from None
-    bases = raw["base"] if isinstance(raw["base"], list) else [raw["base"]]
-    files = [(path.parent / str(b)).resolve() for b in bases]
-    for f in files:
-        if not f.is_file():
-            raise _err(path, "base", f"recipe {f} does not exist (paths are relative to the grid file)")
-    base = files[0] if len(files) == 1 else compose_base(files, Path(tempfile.gettempdir()))
-    axes = {str(k): _parse_axis(str(k), v, path) for k, v in _mapping(raw.get("axes"), path, "axes").items()}
+    base = None
+    if survey is None:
+        bases = raw["base"] if isinstance(raw["base"], list) else [raw["base"]]
+        files = [(path.parent / str(b)).resolve() for b in bases]
+        for f in files:
+            if not f.is_file():
+                raise _err(path, "base", f"recipe {f} does not exist (paths are relative to the grid file)")
+        base = files[0] if len(files) == 1 else compose_base(files, Path(tempfile.gettempdir()))
+    raw_axes = _mapping(raw.get("axes"), path, "axes")
+    if survey is not None:  # the survey's one axis sets the model spec
+        raw_axes = {"model": {"key": "model", **_mapping(raw_axes["model"], path, "axes.model")}}
+    axes = {str(k): _parse_axis(str(k), v, path) for k, v in raw_axes.items()}
     if not axes:
         raise _err(path, "axes", "a grid needs at least one axis")
     groups = _groups(raw.get("zip") or [], axes, path)
@@ -168,7 +177,8 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(path=path, name=str(raw.get("name") or path.stem), base=base, axes=axes, groups=groups,
                 common=_mapping(raw.get("set"), path, "set"), exclude=exclude, point_overrides=point_overrides,
                 slurm=_mapping(raw.get("slurm"), path, "slurm"),
-                slurm_eval=_mapping(raw.get("slurm_eval"), path, "slurm_eval"), workers=int(raw.get("workers") or 1), raw=raw)
+                slurm_eval=_mapping(raw.get("slurm_eval"), path, "slurm_eval"), workers=int(raw.get("workers") or 1), raw=raw,
+                survey=survey)
 
 
 def compose_base(files: list[Path], folder: Path) -> Path:
