@@ -80,6 +80,15 @@ def test_qwen_embedding_is_not_resized_and_tied_head_is_counted_once() -> None:
     assert _count(lm) == 494_032_768
 
 
+@pytest.mark.parametrize("hub_id,published,added", [
+    ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512, 0),         # vocab 152064 already holds 151665 tokens + <image>
+    ("meta-llama/Meta-Llama-3-8B", 8_030_261_248, 2 * 4096),  # 128256 tokens: an <image> row in embedding and head
+])
+def test_stored_llm_configs_give_the_published_sizes(hub_id: str, published: int, added: int) -> None:
+    vlm = build_meta_vlm({"encoder": CLIP_L, "connector": {"type": "mlp2x_gelu"}, "llm": {"path": hub_id}})
+    assert _count(vlm.language_model) == published + added
+
+
 def test_unprepared_zoo_entry_plans_from_its_upstream_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLM_CACHE_DIR", str(tmp_path))  # an empty zoo: nothing is prepared
     vlm = build_meta_vlm({"encoder": {"type": "dinov2", "path": "zoo:dinov2-s", "image_size": 84},
