@@ -340,3 +340,16 @@ def test_string_only_chat_template_is_refused(tmp_path):
     with pytest.raises(UserError, match="list-of-parts"):
         ours.score([_image(0)], ["<image>\nWhat is it?"], [[" a cat"]])
     assert ours.score([_image(0)], ["USER: <image>\nWhat is it? ASSISTANT:"], [[" a cat"]], chat_template=False)
+
+
+def test_prefix_runs_once_per_item(checkpoint, monkeypatch):
+    """Continuations beyond one batch reuse the item's prefix cache: one prefix forward per item."""
+    arch, d = checkpoint
+    ours = load_vlm(f"hf:{d}")
+    if not ours.family.kv_shared:
+        pytest.skip("scored with full forwards")
+    calls = []
+    prefix = ours._prefix
+    monkeypatch.setattr(ours, "_prefix", lambda inputs: calls.append(1) or prefix(inputs))
+    res = ours.score([_image(0), _image(1)], ["<image>\nName it."] * 2, [CONTINUATIONS] * 2, batch_size=1)
+    assert len(calls) == 2 and [len(r) for r in res] == [3, 3]

@@ -228,11 +228,11 @@ class HFAutoVLM:
             conts = [conts] if isinstance(conts, str) else list(conts)
             toks = [self.continuation_ids(c) for c in conts]
             inputs = self.inputs([text], [im], chat_template)
+            prefix = self._prefix(inputs) if self.family.kv_shared else None  # run once per item
             sums: list[tuple[float, bool]] = []
             for start in range(0, len(toks), batch_size):
                 group = toks[start:start + batch_size]
-                score = self._score_cached if self.family.kv_shared else self._score_full
-                sums.extend(score(inputs, group))
+                sums.extend(self._score_cached(inputs, prefix, group) if prefix else self._score_full(inputs, group))
             results.append([ScoreResult(s, s / len(t), len(t), is_greedy=g) for (s, g), t in zip(sums, toks)])
         return results
 
@@ -277,12 +277,16 @@ class HFAutoVLM:
             full_ids, next_sequence_length=width, cache=cache, attention_mask=full_mask, position_ids=positions,
             use_cache=True, is_first_iteration=False, **types)
 
-    def _score_cached(self, inputs: Any, toks: list[list[int]]) -> list[tuple[float, bool]]:
-        """Prefix once, continuations as one batch on copies of its KV cache."""
-        n = len(toks)
+    def _prefix(self, inputs: Any) -> tuple[torch.Tensor, Any]:
+        """The prefix's forward: log-probs of the token after it (each continuation's first) and its KV cache."""
         out = self.model(**inputs, use_cache=True)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each continuation's first token
+        return torch.log_softmax(out.logits[:, -1].float(), -1), cache
+
+    def _score_cached(self, inputs: Any, prefix: tuple[torch.Tensor, Any], toks: list[list[int]]) -> list[tuple[float, bool]]:
+        """Continuations as one batch on a copy of the prefix's KV cache (the prefix itself is not run again)."""
+        n = len(toks)
+        first, cache = prefix
         cache = copy.deepcopy(cache)
         cache.batch_repeat_interleave(n)
         ids, mask = self._cont_batch(toks)
