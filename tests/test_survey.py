@@ -41,6 +41,7 @@ def test_shipped_survey_grid_validates(capsys):
 @pytest.mark.parametrize("extra,needle", [
     ({"base": "../smoke.yaml"}, "do not apply"),
     ({"set": {"run.seed": 1}}, "do not apply"),
+    ({"slurm_eval": {"timeout_min": 60}}, "do not apply"),
     ({"axes": {"model": {"values": {"a": "hf:x"}}, "lr": {"key": "x", "values": [1]}}}, "exactly one axis"),
     ({"axes": {"model": {"key": "model.encoder", "values": {"a": "hf:x"}}}}, "exactly one axis"),
     ({"survey": {"tasks": []}}, "empty"),

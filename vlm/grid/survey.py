@@ -36,8 +36,9 @@ from vlm.io import atomic_write_text
 
 SURVEY_KEYS: dict[str, Any] = {"tasks": list, "limit": Optional[Positive], "batch_size": Optional[Positive]}
 SPEC_PREFIXES = ("hf:", "hf-llava:", "zoo:")
-# grid fields that set recipe keys, meaningless without a recipe
-NOT_IN_SURVEY = ("base", "set", "points", "zip")
+# grid fields that set recipe keys, meaningless without a recipe; slurm_eval splits a trained run's eval tasks
+# into jobs of their own (a survey point is one eval job already)
+NOT_IN_SURVEY = ("base", "set", "points", "zip", "slurm_eval")
 
 
 def parse_survey(raw: dict[str, Any], path: Path) -> dict[str, Any]:
