@@ -1,5 +1,5 @@
-"""The SLURM executor of `vlm grid --executor slurm`: submitit jobs for training, requeue on time limits and
-preemption, multi-node training, and evaluation in jobs of its own.
+"""The SLURM executor of `vlm grid --executor slurm`: submitit jobs for training, requeue with a checkpoint on
+SLURM's warning signal (time limits), multi-node training, and evaluation in jobs of its own.
 
 - **Training job** (`PointJob`, one per point): `run_point` in a submitit job. On SLURM's warning signal
   (`--signal=USR2@<slurm.signal_delay_s>`, submitit's default 90 s before the time limit) submitit calls `PointJob.checkpoint`: it asks
@@ -138,7 +138,7 @@ class PointJob(submitit.helpers.Checkpointable):
         # -SIGTERM / -SIGKILL: SLURM ended the trainer before it could stop (the hard limit, or `scancel` in the
         # warning window: SLURM cannot tell them apart yet, so the job is requeued either way)
         write_record(gd, pid, state=QUEUED, error=None,
-                     note=f"requeued at {time.strftime('%H:%M:%S')} (time limit or preemption)")
+                     note=f"requeued at {time.strftime('%H:%M:%S')} (SLURM's warning signal)")
         record_event(gd, pid, "requeued", step=step, child_exit=rc)
         return super().checkpoint(grid_dir, pid, cli, procs_per_node, nodes, evaluate)
 

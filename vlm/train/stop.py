@@ -1,4 +1,4 @@
-"""Stopping `vlm train` early with a checkpoint: the hook that SLURM time limits and preemption use.
+"""Stopping `vlm train` early with a checkpoint: the hook SLURM's warning signal (time limits) uses.
 
 A stop is requested by the signal SIGUSR2 (what SLURM sends `--signal=USR2@N` seconds before a job's time limit,
 or `kill -USR2 PID`) or by the file named in the environment variable `VLM_STOP_FILE` coming into existence
