@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 import json
 from pathlib import Path
 
@@ -97,3 +98,33 @@ def test_survey_runs_eval_per_model_and_reports(tmp_path):
         assert p["probe"] == pytest.approx(float(rows[p["run"]]["birds_zero_shot.score"]))
     # a second launch finds both done and runs nothing
     assert launch(tmp_path / "survey.yaml", out, echo=lambda *_: None) == {}
+
+
+FAKE_EVAL = r'''
+import json, sys
+from pathlib import Path
+args = sys.argv[2:]
+assert sys.argv[1] == "eval", sys.argv
+out = Path(args[args.index("--out") + 1]); out.mkdir(parents=True, exist_ok=True)
+tasks = json.dumps(__import__("yaml").safe_load(open(args[args.index("--tasks-file") + 1])))
+(out / "argv.json").write_text(json.dumps({"model": args[args.index("--model") + 1], "tasks": json.loads(tasks)}))
+(out / "results.json").write_text(json.dumps({"tasks": {}, "fine_grained": 0.5, "general": 0.7, "gap": -0.2}))
+'''
+
+
+def test_survey_points_run_as_slurm_jobs(tmp_path):
+    """The SLURM executor (submitit's debug cluster: the same job code, run in this process) runs each survey
+    point as `vlm eval --model SPEC --tasks-file ...` and nothing else."""
+    script = tmp_path / "fake_vlm.py"
+    script.write_text(FAKE_EVAL)
+    grid = {"name": "s", "survey": {"tasks": ["flowers102", {"recipe": "pets", "limit": 3}]},
+            "axes": {"model": {"values": {"a": "hf:org/a", "b": "hf:org/b"}}},
+            "slurm": {"partition": "gpu", "timeout_min": 60, "gpus_per_node": 1}}
+    out = tmp_path / "gd"
+    path = _write(tmp_path / "g.yaml", grid)
+    jobs = launch(path, out, executor="slurm", cli=[sys.executable, str(script)], slurm_cluster="debug",
+                  echo=lambda *_: None)
+    assert [j.result() for j in jobs] == ["done", "done"]
+    for label in ("a", "b"):
+        argv = json.loads((out / f"model={label}" / "argv.json").read_text())
+        assert argv == {"model": f"hf:org/{label}", "tasks": ["flowers102", {"recipe": "pets", "limit": 3}]}
