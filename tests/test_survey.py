@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import csv
-import sys
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,11 +103,12 @@ def test_survey_runs_eval_per_model_and_reports(tmp_path):
 FAKE_EVAL = r'''
 import json, sys
 from pathlib import Path
+import yaml
 args = sys.argv[2:]
 assert sys.argv[1] == "eval", sys.argv
 out = Path(args[args.index("--out") + 1]); out.mkdir(parents=True, exist_ok=True)
-tasks = json.dumps(__import__("yaml").safe_load(open(args[args.index("--tasks-file") + 1])))
-(out / "argv.json").write_text(json.dumps({"model": args[args.index("--model") + 1], "tasks": json.loads(tasks)}))
+tasks = yaml.safe_load(open(args[args.index("--tasks-file") + 1]))
+(out / "argv.json").write_text(json.dumps({"model": args[args.index("--model") + 1], "tasks": tasks}))
 (out / "results.json").write_text(json.dumps({"tasks": {}, "fine_grained": 0.5, "general": 0.7, "gap": -0.2}))
 '''
 
