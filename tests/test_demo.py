@@ -116,6 +116,67 @@ def test_every_demo_point_is_a_valid_recipe(world_cache, tmp_path, grid_file):
     assert len({p["stage_keys"][0] for p in plan}) == len(plan)  # every point trains its own stage 1
 
 
+def _demo_grid(tmp_path: Path, grid_file: str):
+    if grid_file == "quick":
+        path = tmp_path / "demo_quick.yaml"
+        path.write_text(demo.derived_grid_text(quick=True))
+        return load_grid(path)
+    return load_grid(ROOT / "recipes" / "grids" / grid_file)
+
+
+@pytest.mark.parametrize("grid_file", ["demo.yaml", "demo_full.yaml", "quick"])
+def test_every_demo_point_feeds_the_llm_the_same_number_of_image_tokens(world_cache, tmp_path, grid_file):
+    """An axis that also changes the image-token count confounds its effect with the LLM's sequence length
+    (EfficientNet-Lite0's 6x6 stride-16 map with avgpool 1x1 gave 36 tokens against DINOv2-S's 9). Each point's
+    model is built on the meta device from the same architectures (no weights, nothing downloaded) and one
+    image is pushed through encoder + connector."""
+    from vlm.grid.points import _override_strings
+    from vlm.plan.cost import blank_pixels
+    from vlm.plan.meta import build_meta_vlm
+    from vlm.recipe.schema import compose
+
+    grid = _demo_grid(tmp_path, grid_file)
+    by_model: dict[str, int] = {}
+    tokens = {}
+    for point in grid.points():
+        model_cfg = compose(grid.base, _override_strings(point.overrides))["model"]
+        key = json.dumps(model_cfg, sort_keys=True, default=str)
+        if key not in by_model:
+            vlm = build_meta_vlm(model_cfg)
+            features = vlm.encoder(blank_pixels(vlm))
+            image = vlm.connector(features.to(next(vlm.connector.parameters()).dtype))
+            assert image.shape[1] == vlm.num_image_tokens, point.id
+            by_model[key] = image.shape[1]
+        tokens[point.id] = by_model[key]
+    assert len(by_model) == {"demo.yaml": 2, "demo_full.yaml": 3, "quick": 2}[grid_file]  # every encoder built
+    assert set(tokens.values()) == {9}, tokens  # docs/demo.md and the recipes' comments say 9
+
+
+def test_demo_vqa_is_trained_and_scored_as_llava_1_5_short_answers(world_cache, tmp_path):
+    """synth_vqa asks exactly what the training file asks (LLaVA-1.5's short-answer instruction) and scores the
+    prediction through the EvalAI answer processor, so a right answer in another case or with a full stop
+    counts; a sentence does not."""
+    from eval.runner import build_task
+    from vlm.grid.points import resolve_point
+    from vlm.recipe.schema import plain
+
+    for grid_file in ("demo.yaml", "quick"):
+        grid = _demo_grid(tmp_path, grid_file)
+        cfg = plain(resolve_point(grid, grid.points()[0]))
+        task_cfg = next(t for t in cfg["eval"]["tasks"] if t["name"] == "synth_vqa")
+        task = build_task(task_cfg)
+        world = Path(task_cfg["questions_file"]).parents[1]
+        first_turns = [r["conversations"][0]["value"]
+                       for r in json.loads((world / "vqa_train.json").read_text())]
+        question = first_turns[0].split("\n")[1]
+        assert task.prompt.format(question=question) == first_turns[0]
+        assert all(t.endswith("\nAnswer the question using a single word or phrase.") for t in first_turns)
+        item = next(it for it in task.items() if it["answers"][0] == "yes")
+        scores = [task.item_scores([task.record(item, pred)])["acc"][item["id"]]
+                  for pred in ("yes", "Yes.", "Yes, there is.")]
+        assert scores == [1.0, 1.0, 0.0], grid_file
+
+
 # ---------------------------------------------------------------- noise summary (the report's statistics)
 
 

@@ -228,6 +228,30 @@ def test_vqa_answers_agree_with_the_scene_records(world, scenes):
         assert all(np.hypot(a["cx"] - b["cx"], a["cy"] - b["cy"]) > 0.27 for i, a in enumerate(objs) for b in objs[:i])
 
 
+def test_vqa_asks_for_and_answers_with_a_single_word(world):
+    """Every training question carries LLaVA-1.5's short-answer instruction, worded as the `vqav2` task's default
+    prompt, and every answer (train and eval) is one word that both VQA answer normalisations leave unchanged, so
+    reproducing the training answer scores 1 in every `normalize` mode."""
+    from eval.metrics import evalai_normalize, vqa_accuracy, vqa_normalize
+    from eval.vqa import SHORT
+
+    suffix = "\nAnswer the question using a single word or phrase."
+    assert SHORT == "<image>\n{question}" + suffix
+    answers = []
+    for r in _load(world, "vqa_train.json"):
+        conv = r["conversations"]
+        questions = [t["value"].removeprefix("<image>\n").removesuffix(suffix) for t in conv[::2]]
+        assert conv[0]["value"] == SHORT.format(question=questions[0])
+        assert [t["value"] for t in conv[2::2]] == [q + suffix for q in questions[1:]]
+        assert all(q.endswith("?") and "\n" not in q for q in questions)
+        answers += [t["value"] for t in conv[1::2]]
+    answers += [a["multiple_choice_answer"] for a in _load(world, "vqa_eval/annotations.json")["annotations"]]
+    assert answers and {"yes", "no"} <= set(answers)
+    for a in answers:
+        assert re.fullmatch(r"[a-z]+|[0-9]+", a) and evalai_normalize(a) == vqa_normalize(a) == a, a
+        assert all(vqa_accuracy(a, [a] * 10, mode) == 1.0 for mode in ("official", "always", "textvqa"))
+
+
 # ------------------------------------------------------------------------------------ SPEC-style
 
 DIFFERS = {"absolute_size": {"scale"}, "relative_size": {"scale"}, "absolute_spatial": {"cx", "cy"},
