@@ -166,11 +166,11 @@ def test_train_modes_follow_the_policy_after_model_train():
     v = Toy()
     pol = policy(vision={"mode": "partial", "k": 1}, connector={"mode": "full"}, llm={"mode": "lora"})
     apply_policy(v, pol, OPT)
-    assert [s.training for s in v.encoder.stages] == [False, False, True]
+    assert [s[1].training for s in v.encoder.stages] == [False, False, True]  # frozen blocks' BatchNorm held
     v.train()  # what model.train() does: everything in train mode ...
     set_train_modes(v, pol)  # ... and what every training step does next
-    assert [s.training for s in v.encoder.stages] == [False, False, True] and not v.encoder.training
-    assert not v.encoder.stages[0][1].training and v.encoder.stages[2][1].training
+    assert [s[1].training for s in v.encoder.stages] == [False, False, True]
+    assert v.encoder.training  # the container stays in train mode (HF checkpoints only in train mode)
     assert v.connector.training and v.connector[1].training
     llm = v.language_model
     assert not llm.get_submodule("1").training  # LoRA freezes the base: its BatchNorm statistics are held
@@ -179,6 +179,43 @@ def test_train_modes_follow_the_policy_after_model_train():
     assert [n.rsplit(".", 1)[0] for n in trained_buffer_names(v, pol)] == ["encoder.stages.2.1"] * 3 + ["connector.1"] * 3
     set_train_modes(v, policy(connector={"mode": "full"}))
     assert not v.encoder.training and not any(m.training for m in v.encoder.modules())
+    assert not v.language_model[1].training and not v.language_model[2].training  # frozen: BatchNorm, dropout held
+
+
+def test_a_frozen_llm_is_still_gradient_checkpointed():
+    """Stage 1 trains the connector through the frozen LLM: HF recomputes a layer only in train mode, so holding
+    the frozen LLM in eval mode silently switched gradient checkpointing off (84 GiB per GPU, `vlm plan`)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    v = Toy()
+    v.language_model = lm
+    v.llm = SimpleNamespace(model=lm)
+    apply_policy(v, policy(connector={"mode": "full"}), OPT)
+    v.train()
+    set_train_modes(v, policy(connector={"mode": "full"}))
+
+    def saved_tensors() -> int:
+        """Tensors autograd keeps for backward: a checkpointed layer keeps its input only."""
+        n = [0]
+
+        def pack(t):
+            n[0] += 1
+            return t
+
+        emb = lm.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = lm(inputs_embeds=emb, use_cache=False).logits.sum()
+        out.backward()
+        assert emb.grad is not None
+        return n[0]
+
+    held = saved_tensors()
+    lm.eval()  # what holding the whole frozen LLM in eval mode did: HF skips checkpointing
+    assert held * 4 < saved_tensors()
 
 
 def test_trained_buffer_names_cover_full_modules_and_partial_blocks_only():

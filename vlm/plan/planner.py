@@ -20,7 +20,7 @@ from vlm.grid.spec import load_grid
 from vlm.plan.cost import DTYPE_BYTES, PRECISION_DTYPE, checkpoint_blocks, trace_sample
 from vlm.plan.memory import memory_per_gpu
 from vlm.plan.meta import build_meta_vlm
-from vlm.recipe.freeze import MODULES, apply_policy, has_lora, merge_lora, module_of
+from vlm.recipe.freeze import MODULES, apply_policy, has_lora, merge_lora, module_of, set_train_modes
 from vlm.recipe.keys import stage_keys
 from vlm.recipe.schema import compose, enabled_stages, plain, validate
 from vlm.train.steps import _checkpointable
@@ -155,19 +155,14 @@ def _stage_samples(cfg: Mapping[str, Any], st: Mapping[str, Any], gbs: int, sett
 
 def _checkpointed(vlm: Any, st: Mapping[str, Any]) -> set[str]:
     """Blocks gradient checkpointing recomputes in this stage: the layers of the models the trainer checkpoints
-    (`vlm.train.steps._checkpointable`) that run in train mode (HF checkpoints a layer only while training, and a
-    frozen module runs in eval mode)."""
+    (`vlm.train.steps._checkpointable`) that run in train mode under the stage's policy — set by the trainer's own
+    `set_train_modes` (HF checkpoints a layer only in train mode; a frozen LLM is held in train mode for that)."""
     if not st["gradient_checkpointing"]:
         return set()
+    set_train_modes(vlm, st["freeze"])
     names = {id(m): n for n, m in vlm.named_modules()}
-    modes = {id(module_of(vlm, m)): st["freeze"][m]["mode"] for m in MODULES}
-    out: set[str] = set()
-    for model in _checkpointable(vlm, st):
-        owner = next((modes[id(module_of(vlm, m))] for m in MODULES
-                      if any(x is model for x in module_of(vlm, m).modules())), "frozen")
-        if owner != "frozen":
-            out |= {f"{names[id(model)]}.{n}" for n in checkpoint_blocks(model)}
-    return out
+    return {f"{names[id(model)]}.{n}" for model in _checkpointable(vlm, st)
+            for n, block in checkpoint_blocks(model).items() if block.training}
 
 
 def _mode_label(p: Mapping[str, Any]) -> str:

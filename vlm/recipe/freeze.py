@@ -169,16 +169,39 @@ def _has_running_stats(m: nn.Module) -> bool:
     return bool(getattr(m, "track_running_stats", False)) and getattr(m, "running_mean", None) is not None
 
 
+def _mode_dependent(m: nn.Module) -> bool:
+    """Leaves whose forward differs between train and eval mode: dropout, and norms with running statistics."""
+    return isinstance(m, nn.modules.dropout._DropoutNd) or _has_running_stats(m)
+
+
+def _hold_fixed(mod: nn.Module) -> None:
+    """A frozen part computes as in eval mode (no dropout, BatchNorm statistics kept) while the module itself stays
+    in train mode: HF runs gradient checkpointing only in train mode, and a frozen LLM that the connector's gradient
+    flows through (stage 1) needs it as much as a trained one — as LLaVA trains it. (HF attention modules read
+    attention-probability dropout off their own flag; the shipped LLM configs set it to 0.)"""
+    mod.train()
+    for m in mod.modules():
+        if _mode_dependent(m):
+            m.eval()
+
+
 def set_train_modes(vlm: Any, freeze: Mapping[str, Any]) -> None:
     """Train/eval mode per the policy; call it after every `model.train()` (which puts everything in train mode).
 
-    `full`: train mode. `frozen`: eval mode (no dropout on fixed features; BatchNorm statistics stay put).
-    `partial`: eval mode except the trained blocks. `lora`: train mode (the adapters' dropout), but normalisation
-    layers with running statistics (BatchNorm) in eval mode, since the base weights they belong to are frozen.
+    `full`: train mode. `frozen`: eval mode; a frozen LLM (the trained connector's gradient flows through it) is
+    held fixed instead (`_hold_fixed`: computes as in eval mode, gradient checkpointing still engages).
+    `partial`: held fixed except the trained blocks. `lora`: train mode
+    (the adapters' dropout), but normalisation layers with running statistics (BatchNorm) in eval mode, since the
+    base weights they belong to are frozen.
     """
     for name in MODULES:
         p, mod = freeze[name], module_of(vlm, name)
-        mod.train(p["mode"] in ("full", "lora"))
+        if p["mode"] == "frozen" and name != "llm":
+            mod.eval()  # upstream of everything trained: no gradient flows through it, nothing to checkpoint
+        elif p["mode"] in ("frozen", "partial"):
+            _hold_fixed(mod)
+        else:
+            mod.train()
         if p["mode"] == "partial":
             for block in partial_blocks(mod, p["k"], name):
                 block.train()
