@@ -85,7 +85,9 @@ class Optim:
 
 
 @dataclass
-class Stage:
+class StageSection:
+    """One entry of the recipe's `stages:` (not to be confused with a stage being trained, `vlm.train.steps`)."""
+
     enabled: bool = True
     data: list[MixtureItem] = field(default_factory=list)
     freeze: FreezePolicy = field(default_factory=FreezePolicy)
@@ -177,7 +179,7 @@ class Recipe:
     model: Model = field(default_factory=Model)
     datasets: dict[str, Dataset] = field(default_factory=dict)
     data: Data = field(default_factory=Data)
-    stages: dict[str, Stage] = field(default_factory=dict)
+    stages: dict[str, StageSection] = field(default_factory=dict)
     distributed: Distributed = field(default_factory=Distributed)
     eval: Eval = field(default_factory=Eval)
 
