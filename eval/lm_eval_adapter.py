@@ -10,8 +10,8 @@ lm-eval's `hf` model where it decides a number:
 - loglikelihood: a context's trailing whitespace moves to the continuation (`LM._encode_pair`); consecutive
   requests that share a context and images are scored as one item, so a multiple-choice question computes its
   prefix once; `is_greedy` comes from the logits of that same forward (every continuation token is its
-  position's argmax). `greedy_check=false` reports False without looking; a model whose `score` does not give
-  `is_greedy` (an `hf:` model) regenerates each continuation greedily to decide it (slow).
+  position's argmax; our VLMs and `hf:` models both give it). `greedy_check=false` reports False without looking;
+  a model whose `score` does not give `is_greedy` regenerates each continuation greedily to decide it (slow).
 - generate_until: requests with the same generation kwargs run in batches of `batch_size`, longest context
   first; `until` stops decoding (a stopping criterion every step, `VLM.generate(stop_strings=)`) and the text is
   cut before the first stop string or the EOS text, as `hf` does; the text keeps its leading space (" 18").

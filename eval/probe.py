@@ -61,6 +61,10 @@ class LinearProbeTask(Task):
         from sklearn.preprocessing import StandardScaler
 
         task_dir = Path(task_dir)
+        if getattr(model, "encoder", None) is None:
+            raise UserError(f"task {self.name!r}: a linear probe reads the model's own vision encoder, and "
+                            f"{type(model).__name__} exposes none (an `hf:` model); probe its encoder with a run or "
+                            "zoo spec, or use a `zero_shot` task for a contrastive encoder.")
         train = ClassificationData(self.cfg, self.cfg.get("train_split", "train"))
         test = ClassificationData(self.cfg, self.cfg.get("split", "test"))
         train_rows = train.rows[: self.cfg["train_limit"]] if self.cfg.get("train_limit") else train.rows

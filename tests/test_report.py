@@ -171,7 +171,7 @@ def test_report_files_cover_every_run(tmp_path):
     assert "8 planned runs: 6 finished with results, 2 missing or failed." in md
     for title in ("Axis effects", "Axis effects per task", "Findings", "Tasks and their headline metrics",
                   "Per dataset — fine-grained classification", "Per dataset — general VQA",
-                  "Per protocol", "Protocol open (open_acc)", "Linear-probe ceiling", "Missing or failed runs"):
+                  "Per protocol", "Protocol open (open_acc)", "Encoder ceilings", "Missing or failed runs"):
         assert title in md, title
     assert "`" not in "".join(line for line in md.splitlines() if line.startswith("#"))  # no literal backticks
     # each point's summary with its SE; enc b vs a on fine-grained with its SE, no seed axis so no seed noise
@@ -182,7 +182,7 @@ def test_report_files_cover_every_run(tmp_path):
     problems = md[md.index("## Missing or failed runs"):]
     assert FAILED in problems and MISSING in problems and "CUDA OOM" in problems
     # the probe pairs with the VLM task on the same data source: 0.9 vs flowers' mc_acc 0.65
-    assert "| enc=b,llm=y,pt=p | flowers | 0.900 | 0.650 | mc_acc | 0.250 |" in md
+    assert "| enc=b,llm=y,pt=p | flowers | flowers_probe | 0.900 | 0.650 | mc_acc | 0.250 |" in md
     assert set(out) >= {"fine-grained vs general", "axis effects: fine-grained next to general", "linear-probe ceiling",
                         "training dynamics"}
     assert sorted(p.name for p in (root / "plots").iterdir()) == [

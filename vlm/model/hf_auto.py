@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlm.errors import UserError
-from vlm.model.vlm import ScoreResult
+from vlm.model.vlm import ScoreResult, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +188,20 @@ class HFAutoVLM:
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(self, images: Sequence[Any], prompts: Sequence[str], chat_template: bool = True,
-                 max_new_tokens: int = 32, batch_size: int = 8, **generate_kwargs: Any) -> list[str]:
-        """Greedy (by default) answers, one per prompt; `images[i]` is an image, a list of them, or None."""
+                 max_new_tokens: int = 32, batch_size: int | None = None, stop_strings: Sequence[str] = (),
+                 strip: bool = True, **generate_kwargs: Any) -> list[str]:
+        """Greedy (by default) answers, one per prompt; `images[i]` is an image, a list of them, or None. The same
+        contract as `VLM.generate`: one batch (or chunks of `batch_size`), decoding stops at a stop string and the
+        answer is cut before it, `strip=False` keeps the text as decoded (lm-eval's leading space)."""
         texts, ims = self._prepare(images, prompts, chat_template)
         generate_kwargs.setdefault("do_sample", False)
+        stops = [s for s in stop_strings if s]
+        if stops:
+            generate_kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        step = batch_size or max(len(texts), 1)
         answers: list[str] = []
-        for start in range(0, len(texts), batch_size):
-            chunk_t, chunk_i = texts[start:start + batch_size], ims[start:start + batch_size]
+        for start in range(0, len(texts), step):
+            chunk_t, chunk_i = texts[start:start + step], ims[start:start + step]
             # processors take a batch whose items all have images or none do
             groups = [[k] for k in range(len(chunk_t))] if (any(chunk_i) and not all(chunk_i)) else [list(range(len(chunk_t)))]
             for g in groups:
@@ -202,7 +209,8 @@ class HFAutoVLM:
                 out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
                 new = out[:, inputs["input_ids"].shape[1]:]
                 answers.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
-        return [a.strip() for a in answers]
+        answers = [cut_at_stop(a, stops) for a in answers]
+        return [a.strip() for a in answers] if strip else answers
 
     # ------------------------------------------------------------------ score
     def continuation_ids(self, text: str) -> list[int]:

@@ -291,7 +291,7 @@ class VLM(nn.Module):
                 **generate_kwargs,
             )
             answers.extend(self.tokenizer.batch_decode(out, skip_special_tokens=True))
-        answers = [_cut_at(a, stops) for a in answers]
+        answers = [cut_at_stop(a, stops) for a in answers]
         return [a.strip() for a in answers] if strip else answers
 
     # ------------------------------------------------------------------ score
@@ -411,7 +411,7 @@ def _pack_rows(toks: list[list[int]], token_budget: int) -> list[list[list[int]]
     return [rows[g:g + per_group] for g in range(0, len(rows), per_group)]
 
 
-def _cut_at(text: str, stops: Sequence[str]) -> str:
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     """`text` up to the first occurrence of any of `stops` (lm-eval's post-processing of a generation)."""
     return text[:min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))]
 
