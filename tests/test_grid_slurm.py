@@ -257,11 +257,32 @@ def test_scontrol_expands_node_lists(cluster):
     assert hostnames("gpu[07-08],cpu1") == ["gpu07", "gpu08", "cpu1"]
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
-    """A point in a 1-minute partition whose job asks for SLURM's warning signal 59 s before the limit (so it comes
-    at slurmctld's first time-limit check, 0-30 s into the job, while the trainer still starts up): the trainer
-    stops after its first step that does not end a stage (stage 2, step 1 of 2) with a checkpoint, the job requeues
-    itself, and the requeued job resumes there; the point ends done once, every step logged once."""
+# `vlm` as the grid runs it, but the first `train` waits for the warning signal's stop file before it starts: slurmctld
+# delivers the signal at its next time-limit check, up to 30 s into the job, and on an idle machine the tiny trainer
+# can finish before that — the race the first version of this test lost in CI-like conditions
+WAIT_FOR_WARNING = r'''
+import os, signal, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+marker = Path(os.environ["VLM_TEST_MARKER"])
+if args[0] == "train" and not marker.exists():
+    marker.touch()
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the trainer installs its own handler
+    stop, deadline = Path(os.environ["VLM_STOP_FILE"]), time.time() + 50
+    while not stop.exists() and time.time() < deadline:
+        time.sleep(0.2)
+os.execv(sys.executable, [sys.executable, "-m", "vlm", *args])
+'''
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, monkeypatch):
+    """A point in a 1-minute partition whose job asks for SLURM's warning signal 59 s before the limit (it comes at
+    slurmctld's first time-limit check, 0-30 s into the job; the first attempt's trainer starts once it has come):
+    the trainer stops after its first step that does not end a stage (stage 2, step 1 of 2) with a checkpoint, the
+    job requeues itself, and the requeued job resumes there; the point ends done once, every step logged once."""
+    wrapper = tmp_path / "vlm_after_warning.py"
+    wrapper.write_text(WAIT_FOR_WARNING)
+    monkeypatch.setenv("VLM_TEST_MARKER", str(tmp_path / "first-attempt-started"))
     raw = yaml.safe_load((ROOT / "recipes/grids/smoke.yaml").read_text())
     path = tmp_path / "tl.yaml"
     path.write_text(yaml.safe_dump({
@@ -271,7 +292,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
         "slurm": {"partition": "short", "timeout_min": 1, "signal_delay_s": 59, "cpus_per_task": 1},
         "slurm_eval": {"partition": "debug", "timeout_min": 10, "cpus_per_task": 1}}))
     out = tmp_path / "gd"
-    jobs = launch(path, out, executor="slurm", echo=lambda *_: None)
+    jobs = launch(path, out, executor="slurm", cli=[sys.executable, str(wrapper)], echo=lambda *_: None)
     assert len(jobs) == 3  # training, and one job per eval task (outside the 1-minute partition)
     _wait_idle(cluster, 420)
     pid = "s2lr=1e-4"
