@@ -253,7 +253,7 @@ class ClassificationTask(Task):
         default_head = {"mc": "mc_acc", "open": "open_acc", "likelihood": "likelihood_sum_top1"}[self.protocols[0]]
         self.headline = cfg.get("headline", default_head)
         self._data: ClassificationData | None = None
-        self.options: dict[str, list[int]] = {}
+        self.mined_options: dict[str, list[int]] = {}  # item id -> its k option class ids
 
     @property
     def data(self) -> ClassificationData:
@@ -282,7 +282,7 @@ class ClassificationTask(Task):
         missing = [r["id"] for r in self.limited_items() if r["id"] not in mined["items"]]
         if missing:
             raise UserError(f"options file {path} lacks items such as {missing[:3]}; delete it to mine again.")
-        self.options = mined["items"]
+        self.mined_options = mined["items"]
         atomic_write_json(task_dir / "options.json", mined)
         return {"options": {"file": str(path), "k": self.k, "seed": mined["seed"], "method": mined["method"]}}
 
@@ -295,7 +295,7 @@ class ClassificationTask(Task):
         recs = [{"id": it["id"], "label": it["label"]} for it in batch]
         names = self.data.names
         if "mc" in self.protocols:
-            opts = [self.options[it["id"]] for it in batch]
+            opts = [self.mined_options[it["id"]] for it in batch]
             prompts = [self._mc_prompt(o) for o in opts]
             letters = [list(LETTERS[: len(o)]) for o in opts]
             scores = model.score(images, prompts, letters, chat_template=self.chat_template)

@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlm.errors import UserError
-from vlm.model.vlm import ScoreResult, cut_at_stop
+from vlm.model.vlm import ScoreResult, as_image_list, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,6 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "paligemma": Family(continuation_token_type=1),
 }
-
-
-def _as_image_list(item: Any) -> list[Any]:
-    if item is None:
-        return []
-    if isinstance(item, (list, tuple)):
-        return list(item)
-    return [item]
 
 
 def _split_prompt(prompt: str) -> list[dict[str, str]]:
@@ -182,7 +174,7 @@ class HFAutoVLM:
     def _prepare(self, images: Sequence[Any], prompts: Sequence[str], chat_template: bool) -> tuple[list[str], list[list[Any]]]:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts")
-        ims = [_as_image_list(x) for x in images]
+        ims = [as_image_list(x) for x in images]
         return [self.render(p, len(im), chat_template) for p, im in zip(prompts, ims)], ims
 
     # ------------------------------------------------------------------ generate

@@ -82,7 +82,8 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _as_image_list(item: Any) -> list[Any]:
+def as_image_list(item: Any) -> list[Any]:
+    """An item's images: one image, a list of them, or None -> a list."""
     if item is None:
         return []
     if isinstance(item, (list, tuple)):
@@ -277,7 +278,7 @@ class VLM(nn.Module):
         step = batch_size or max(len(prompts), 1)
         answers: list[str] = []
         for start in range(0, len(prompts), step):
-            chunk_images = [_as_image_list(x) for x in images[start:start + step]]
+            chunk_images = [as_image_list(x) for x in images[start:start + step]]
             seqs = [self._prompt_ids(p, len(im), chat_template) for p, im in zip(prompts[start:start + step], chunk_images)]
             ids, mask = self._left_pad(seqs)
             flat_images = [im for group in chunk_images for im in group]
@@ -321,7 +322,7 @@ class VLM(nn.Module):
         results: list[list[ScoreResult]] = []
         for start in range(0, len(prompts), batch_size):
             stop = start + batch_size
-            chunk_images = [_as_image_list(x) for x in images[start:stop]]
+            chunk_images = [as_image_list(x) for x in images[start:stop]]
             seqs = [self._prompt_ids(p, len(im), chat_template) for p, im in zip(prompts[start:stop], chunk_images)]
             results.extend(self._score_chunk(seqs, chunk_images, conts[start:stop], token_budget))
         return results
