@@ -1,7 +1,8 @@
 """The lm-eval adapter: request mapping, shared prefixes, images, stop sequences, agreement with lm-eval's own
 `hf` model on a tiny random-weight Llama (log-likelihoods, is_greedy, batched generate_until with stop strings
-and the leading space), and a full `lm_eval.simple_evaluate` run of a local multiple-choice task through the
-registered `vlm_ablate`."""
+and the leading space; with a tiny max_length: over-long contexts truncated, long documents scored in rolling
+windows), image tokens kept through truncation, and a full `lm_eval.simple_evaluate` run of a local
+multiple-choice task through the registered `vlm_ablate`."""
 import itertools
 import json
 
@@ -15,6 +16,8 @@ from eval.lm_eval_adapter import VLMAblateLM
 from fixtures_eval import builders as B
 from fixtures_eval.fake_model import FakeVLM
 from lm_eval.api.instance import Instance
+from lm_eval.utils import get_rolling_token_windows
+from vlm.errors import UserError
 
 
 class KnowsFacts(FakeVLM):
@@ -48,7 +51,8 @@ def test_loglikelihood_groups_shared_context_and_adds_images():
 
 
 def test_is_greedy_fallback_generate_until_and_rolling():
-    """A model whose scores lack `is_greedy` gets it by greedy regeneration; stop strings cut the text."""
+    """A model whose scores lack `is_greedy` gets it by greedy regeneration; stop strings cut the text; rolling
+    windows are refused for a model without token-level access."""
     fake = KnowsFacts(B.VISION, answers={"Say it": "paris\n\nQ: next", "Again": "france"})
     lm = VLMAblateLM(model=fake)
     (lp, greedy), (_, not_greedy) = lm.loglikelihood([req("loglikelihood", "Again", " france"),
@@ -57,7 +61,8 @@ def test_is_greedy_fallback_generate_until_and_rolling():
     out = lm.generate_until([req("generate_until", "Say it", {"until": ["\n\n"], "max_gen_toks": 5}),
                              req("generate_until", "Again", {"until": "Q:"})])
     assert out == ["paris", "france"]
-    assert lm.loglikelihood_rolling([req("loglikelihood_rolling", "paris is big")]) == pytest.approx([-2.2])
+    with pytest.raises(UserError, match="loglikelihood_rolling needs token-level access"):
+        lm.loglikelihood_rolling([req("loglikelihood_rolling", "paris is big")])  # windows need the tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +137,114 @@ def test_until_stops_decoding_early(tiny):
     finally:
         hook.remove()
     assert len(steps) == 20 and with_stop <= 4
+
+
+SHORT = 24  # max_length of the truncation tests: every context below is longer
+WORDS = [" the", " red", " bird", " a", " one"]  # one token each, also when repeated (checked where it matters)
+
+
+def _words(n: int, seed: int) -> str:
+    return "".join(WORDS[(i * 7 + seed * 3 + i // 5) % len(WORDS)] for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def hf_short(tiny):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=tiny.language_model, tokenizer=tiny.tokenizer, batch_size=3, max_length=SHORT)
+
+
+def _long_greedy_requests(tiny, n: int) -> list:
+    """(context of ~2-3 max_lengths, 2-token continuation that is greedy after the context's last SHORT - 1
+    tokens, i.e. greedy under lm-eval's truncation) pairs, printable and split as lm-eval's _encode_pair splits."""
+    tok, out = tiny.tokenizer, []
+    for seed in range(40):
+        ctx = "Q:" + _words(40 + seed, seed)
+        ids = tok(ctx)["input_ids"]
+        gen = tiny.language_model.generate(input_ids=torch.tensor([ids[-(SHORT - 1):]]), max_new_tokens=2,
+                                           do_sample=False)[0, -2:].tolist()
+        text = tok.decode(gen)
+        if text.isascii() and text.isprintable() and text.strip() and tok(ctx + text)["input_ids"] == ids + gen:
+            out.append((ctx, text))
+        if len(out) == n:
+            return out
+    raise AssertionError("no printable greedy continuations found")
+
+
+def test_long_context_loglikelihood_matches_lm_eval_hf(tiny, hf_short):
+    """Context + continuation beyond max_length: lm-eval keeps the last max_length + 1 tokens (the continuation
+    whole); ours must give the same log-likelihoods and is_greedy. Mixed with requests that fit, and with the
+    edge cases: exactly max_length + 1 tokens, and a continuation of max_length tokens."""
+    tok = tiny.tokenizer
+    reqs = []
+    for ctx, gen in _long_greedy_requests(tiny, 2):
+        reqs += [req("loglikelihood", ctx, gen), req("loglikelihood", ctx, " red bird"),
+                 req("loglikelihood", ctx + " ", "one a")]
+    edge = "Q:" + _words(SHORT - 1 - len(tok("Q:")["input_ids"]), 3)
+    assert len(tok(edge)["input_ids"]) + len(tok(" red bird", add_special_tokens=False)["input_ids"]) == SHORT + 1
+    reqs += [req("loglikelihood", "the red", " bird"),  # fits: the shared-prefix score path
+             req("loglikelihood", edge, " red bird"),
+             req("loglikelihood", "Q: a", _words(SHORT, 1))]
+    ours = VLMAblateLM(model=tiny, batch_size=3, max_length=SHORT).loglikelihood(reqs)
+    ref = hf_short.loglikelihood(reqs)
+    assert [g for _, g in ours] == [g for _, g in ref]
+    assert sum(g for _, g in ref) >= 2  # the greedy continuations are greedy for lm-eval too (after truncation)
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in ref], abs=1e-5)
+
+
+def test_rolling_loglikelihood_matches_lm_eval_hf_windows(tiny, hf_short):
+    """A document over >= 3 windows of max_length tokens (lm-eval's disjoint rolling windows) and one that fits
+    one window: the same sums as lm-eval's hf model."""
+    doc = "Once upon a time" + _words(3 * SHORT + 5, 2) + " the end."
+    assert len(list(get_rolling_token_windows(tiny.tokenizer(doc)["input_ids"], 2, SHORT, 1))) >= 3
+    reqs = [req("loglikelihood_rolling", doc), req("loglikelihood_rolling", "the red bird")]
+    ours = VLMAblateLM(model=tiny, batch_size=2, max_length=SHORT).loglikelihood_rolling(reqs)
+    assert ours == pytest.approx(hf_short.loglikelihood_rolling(reqs), abs=1e-4, rel=1e-6)
+
+
+def test_generate_until_long_context_matches_lm_eval_hf(tiny, hf_short):
+    """A context beyond max_length - max_gen_toks keeps its last max_length - max_gen_toks tokens (lm-eval's
+    left truncation); batched with a context that fits."""
+    ctxs = ["Question:" + _words(50, 4) + " Answer:", "The capital of France is", "Once" + _words(30, 1)]
+    reqs = [req("generate_until", c, {"until": ["\n\n"], "max_gen_toks": 6}) for c in ctxs]
+    ours = VLMAblateLM(model=tiny, batch_size=2, max_length=SHORT).generate_until(reqs)
+    assert ours == hf_short.generate_until(reqs)
+
+
+def test_default_max_length_is_the_llm_positions(tiny):
+    assert VLMAblateLM(model=tiny).max_length == tiny.language_model.config.max_position_embeddings
+
+
+def test_truncation_keeps_image_tokens(tiny):
+    """An image request is cut at its oldest text tokens, never at its image tokens: the same numbers as the
+    request written with only the kept text (checked token for token), on a model with room for all of it.
+    Images + continuation beyond max_length: a UserError naming the request."""
+    img, n_img = B.solid("red"), tiny.num_image_tokens
+    head, tail, cont = _words(30, 1), _words(6, 2), " red bird"
+    long_ctx, max_len = "Q:" + head + "<image>" + tail, n_img + 20
+    budget = max_len + 1 - 2  # the continuation is 2 tokens
+    kept_head = head.split(" ")[-(budget - n_img - 6):]
+    short_ctx = " " + " ".join(kept_head) + "<image>" + tail
+    tokens = eval.lm_eval_adapter._VLMTokens(tiny)
+    long_ids, short_ids = tokens.prompt_ids(long_ctx, [img], False), tokens.prompt_ids(short_ctx, [img], False)
+    first = long_ids.index(tiny.image_token_id)
+    before, image, after = long_ids[:first], long_ids[first:first + n_img], long_ids[first + n_img:]
+    assert image == [tiny.image_token_id] * n_img and len(after) == 6
+    assert short_ids == before[-len(kept_head):] + image + after and len(short_ids) == budget
+    lm, wide = VLMAblateLM(model=tiny, max_length=max_len), VLMAblateLM(model=tiny)
+    both = lambda m, c: m.loglikelihood([req("loglikelihood", c, cont, {"visual": [img]})])  # noqa: E731
+    assert both(lm, long_ctx) == [pytest.approx(both(wide, short_ctx)[0], abs=1e-5)]
+    gen_budget = max_len - 4
+    gen_ctx = " " + " ".join(head.split(" ")[-(gen_budget - n_img - 6):]) + "<image>" + tail
+    assert len(tokens.prompt_ids(gen_ctx, [img], False)) == gen_budget
+    gen = lambda m, c, k=4: m.generate_until([req("generate_until", c, {"max_gen_toks": k}, {"visual": [img]})])  # noqa
+    assert gen(lm, long_ctx) == gen(wide, gen_ctx)
+    named = Instance(request_type="loglikelihood", doc={}, arguments=(long_ctx, cont, {"visual": [img]}), idx=3,
+                     metadata=("mytask", 7, 1))
+    with pytest.raises(UserError, match=r"task 'mytask' doc 7 request 3: its 16 image tokens alone exceed"):
+        VLMAblateLM(model=tiny, max_length=n_img).loglikelihood([named])
+    with pytest.raises(UserError, match="max_gen_toks 36 leaves no room"):
+        gen(lm, long_ctx, max_len)
 
 
 def test_simple_evaluate_with_registered_model(tmp_path, monkeypatch):
