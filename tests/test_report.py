@@ -242,3 +242,58 @@ def test_dynamics_include_a_reused_stage_1_from_its_artifact(tmp_path):
     align = [(d["step"], d["align: flowers"]) for d in row.dynamics if "align: flowers" in d]
     assert align == [(5, 0.2), (8, 0.25)]  # the last step of the stage is there too
     assert [d["step"] for d in row.dynamics if "finetune: flowers" in d] == [10, 20, 30]
+
+
+def test_report_prints_items_paired_and_notes_unpaired_items(tmp_path):
+    """One point evaluated flowers on 80 of its 100 items (another `limit`): the effects that involve it pair the
+    80, print n, and a note under the tables names the points, the task and each side's unpaired count."""
+    root = make_grid_dir(tmp_path)
+    build_report(root)
+    md = (root / "report.md").read_text()
+    # every item paired: the numbers of test_report_files_cover_every_run, now with n (flowers + pets / vqav2)
+    assert "| enc | – | b vs a | +0.250 ± 0.026 * | +0.020 ± 0.010 * | +0.230 ± 0.028 * | – / – | 2 | 200 / 100 |" in md
+    assert "| enc=b,llm=y,pt=p | done | b | y | p | 0.600 ± 0.035 | 0.620 ± 0.049 | -0.020 ± 0.060 | 200 / 100 |" in md
+    assert "Unpaired" not in md
+    short = root / "enc=b,llm=x,pt=p" / "eval" / "flowers" / "item_scores.json"
+    doc = json.loads(short.read_text())
+    doc["scores"]["mc_acc"] = {k: v for k, v in doc["scores"]["mc_acc"].items() if int(k[1:]) < 80}
+    atomic_write_json(short, doc)
+    build_report(root)
+    md = (root / "report.md").read_text()
+    # enc b vs a on flowers, items q000-q079 of both pairs: (x,p) 30 -> 50 right, (y,p) 35 -> 65: (20 + 30) / 2 / 80;
+    # per item over the 2 pairs: 35-49 move in both (1.0), 30-34 and 50-64 in one (0.5), 65-79 in none
+    d = [1.0] * 15 + [0.5] * 20 + [0.0] * 45
+    m = sum(d) / 80
+    se = (sum((x - m) ** 2 for x in d) / 79 / 80) ** 0.5
+    assert m == pytest.approx(0.3125)
+    assert f"| enc | b vs a | flowers | +0.312 ± {se:.3f} * | – | 80 | 2 |" in md
+    # pets: every item paired, as in test_axis_effects_are_mean_paired_differences (flowers' shape 10 items lower)
+    d = [1.0] * 15 + [0.5] * 20 + [0.0] * 65
+    se = (sum((x - 0.25) ** 2 for x in d) / 99 / 100) ** 0.5
+    assert f"| enc | b vs a | pets | +0.250 ± {se:.3f} * | – | 100 | 2 |" in md
+    assert "| – / – | 2 | 180 / 100 |" in md
+    b, a, by, ay = "enc=b,llm=x,pt=p", "enc=a,llm=x,pt=p", "enc=b,llm=y,pt=p", "enc=a,llm=y,pt=p"
+    notes = [line for line in md.splitlines() if line.startswith("> **Note.** Unpaired items")]
+    # the pair with the short point: 20 of a's items; the other pair of the pooled effect loses the same 20 on
+    # both sides (a pooled effect pairs the items every compared point holds)
+    assert f"> **Note.** Unpaired items: task flowers, {b} vs {a}: 80 items paired; 20 of {a}'s and 0 of {b}'s items " \
+           "left out" in md
+    assert f"task flowers, {by} vs {ay}: 80 items paired; 20 of {ay}'s and 20 of {by}'s items left out" in md
+    assert len(notes) == 2 * 6  # under both effect tables: enc's 2 pairs, llm's 2 (b,x,p the reference of one), pt's 2
+    effects_part = md[md.index("## Axis effects: paired"):md.index("## Axis effects per task")]
+    assert f"task flowers, {b} vs {a}" in effects_part  # under the headline table too, not only the per-task one
+    html = (root / "report.html").read_text()
+    assert f"<p class='note'><b>Note.</b> Unpaired items: task flowers, {b} vs {a}: 80 items paired" in html
+
+
+def test_report_of_one_task_on_different_data_exits_2(tmp_path, capsys):
+    from vlm.cli import main
+
+    root = make_grid_dir(tmp_path)
+    for pid, hf in (("enc=a,llm=x,pt=p", "nelorth/oxford-flowers"), ("enc=b,llm=x,pt=p", "other/flowers")):
+        atomic_write_json(root / pid / "eval" / "flowers" / "task.json",
+                          {"config": {"type": "classification", "name": "flowers", "hf": hf}, "fingerprint": "x"})
+    assert main(["report", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "task 'flowers' was evaluated on different data" in err and "Traceback" not in err
+    assert "'nelorth/oxford-flowers' vs 'other/flowers'" in err and "vlm eval RUN_DIR --overwrite" in err

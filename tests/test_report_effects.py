@@ -6,8 +6,8 @@ import math
 import pytest
 
 from vlm.errors import UserError
-from vlm.report.effects import (Estimate, PointScores, TaskScores, axis_effects, beyond_noise, difference, estimate,
-                                mean_of, paired_effect, point_summary, seed_noise)
+from vlm.report.effects import (Estimate, PointScores, TaskScores, Unpaired, axis_effects, beyond_noise, difference,
+                                estimate, mean_of, paired_effect, point_summary, seed_noise)
 from vlm.report.findings import axis_role, findings, stage1_trained_levels
 
 
@@ -157,3 +157,62 @@ def test_captions_finding_needs_a_resolved_small_effect():
     pts[0] = _point("d", {"cap": "dense"}, [1, 0] * 200, [1, 0] * 200)
     f = findings(axis_effects(pts, [["cap"]]), {"cap": "captions"}, {})[2]
     assert f.verdict == "contradicts", f.evidence
+
+
+# ---------------------------------------------------------------- items one point evaluated and another did not
+
+
+def test_paired_effect_counts_the_items_it_could_not_pair():
+    a = {"1": 1, "2": 0, "3": 1, "4": 0, "5": 1}
+    b = {"1": 1, "2": 1, "3": 1, "4": 0, "6": 0, "7": 1}  # no item 5; items 6 and 7 are b's alone
+    e = paired_effect([(a, b)])
+    # paired on 1-4 only: the effect of test_paired_effect_uses_the_per_item_differences, unchanged
+    assert (e.value, e.se, e.n) == (pytest.approx(0.25), pytest.approx(0.25), 4)
+    assert e.unpaired == (1, 2)
+    assert paired_effect([(a, a)]).unpaired == (0, 0)
+
+
+def test_axis_effect_on_fewer_items_says_how_many_and_which_points():
+    """Point b evaluated the fine-grained task on its first 16 of 20 items (another `limit`): the effect is on
+    those 16, n says so, and the pair is named with each side's unpaired count; general is untouched."""
+    fg_a, fg_b, gen = [0] * 8 + [1] * 12, [1] * 20, [1, 0] * 10
+    a = _point("a", {"enc": "a"}, fg_a, gen)
+    b = _point("b", {"enc": "b"}, fg_b, gen)
+    b.tasks["birds"].items["acc"] = {i: 1 for i in range(16)}
+    effects = {e.metric: e for e in axis_effects([a, b], [["enc"]])}
+    birds = effects["birds"]
+    # items 0-15: a right on 8-15, b on all -> +8/16; per-item differences 8 x 1, 8 x 0: each 0.5 from the mean,
+    # sample variance 16 x 0.25 / 15, over 16 items
+    assert birds.effect.value == pytest.approx(0.5) and birds.effect.n == 16
+    assert birds.effect.se == pytest.approx(math.sqrt(16 * 0.25 / 15 / 16))
+    assert birds.effect.unpaired == (4, 0)
+    assert birds.unpaired == (Unpaired("birds", "a", "b", 16, 4, 0),)
+    assert effects["fine_grained"].unpaired == birds.unpaired and effects["fine_grained"].effect.unpaired == (4, 0)
+    assert effects["gap"].unpaired == birds.unpaired
+    assert effects["vqa"].unpaired == () and effects["vqa"].effect.n == 20 and effects["vqa"].effect.unpaired == (0, 0)
+    assert effects["general"].effect.n == 20 and effects["gap"].effect.n == 36
+
+
+def test_the_same_task_on_different_data_is_an_error():
+    a = _point("enc=a", {"enc": "a"}, [1, 0, 1, 0], [1, 0, 1, 0])
+    b = _point("enc=b", {"enc": "b"}, [1, 1, 1, 0], [1, 0, 1, 0])
+    a.tasks["birds"].config = {"name": "birds", "type": "classification", "hf": "cub", "limit": 4}
+    b.tasks["birds"].config = {"name": "birds", "type": "classification", "hf": "cub", "limit": 8}
+    assert axis_effects([a, b], [["enc"]])  # another limit is not another data set (its items are noted, not an error)
+    b.tasks["birds"].config = {"name": "birds", "type": "classification", "hf": "nabirds", "limit": 4}
+    with pytest.raises(UserError, match=r"(?s)task 'birds' was evaluated on different data by the points enc=a and "
+                                        r"enc=b.*hf: 'cub' vs 'nabirds'.*enc=a/eval/birds/task.json.*vlm eval"):
+        axis_effects([a, b], [["enc"]])
+    # seed twins are compared too (the seed noise assumes the same items)
+    a2 = _point("s1", {"enc": "a", "seed": "1"}, [1, 0, 1, 0], [1, 0, 1, 0])
+    a.labels["seed"], a2.tasks["birds"].config = "0", b.tasks["birds"].config
+    with pytest.raises(UserError, match="different data"):
+        seed_noise([a, a2], [["enc"], ["seed"]], ["seed"], ["fine_grained"])
+
+
+def test_no_shared_items_names_the_task_and_points():
+    a = _point("a", {"enc": "a"}, [1, 0], [1, 0])
+    b = _point("b", {"enc": "b"}, [1, 0], [1, 0])
+    b.tasks["birds"].items["acc"] = {"x": 1, "y": 0}
+    with pytest.raises(UserError, match="task 'birds': the compared points \\(a vs b\\) share no eval item ids"):
+        axis_effects([a, b], [["enc"]])

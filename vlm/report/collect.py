@@ -137,7 +137,9 @@ def task_scores(run_dir: Path) -> dict[str, TaskScores]:
             raise UserError(f"{res_path.parent} has results but no item_scores.json (evaluated by an older version); "
                             f"run `vlm eval {run_dir}` again: it reuses the stored predictions and writes them.")
         doc = read_json(path)
-        out[doc["task"]] = TaskScores(doc["task"], doc["family"], doc["headline"], doc["scores"])
+        recorded = res_path.parent / "task.json"  # the config it ran with: which data (effects.check_same_data)
+        config = (read_json(recorded).get("config") or {}) if recorded.exists() else {}
+        out[doc["task"]] = TaskScores(doc["task"], doc["family"], doc["headline"], doc["scores"], config)
     return out
 
 

@@ -12,6 +12,11 @@ items, so `SE = √(Σ SE_t²) / T`; `gap = fine_grained − general` with `SE =
 
 An axis effect (level − reference) pools every pair of points that differ in that axis only: per item, the
 influence differences are averaged over the pairs, so the SE is the item-sampling error of the pooled effect.
+Points are paired on the items they all evaluated. Items outside that set (one point ran with another `limit`,
+lost a shard, ...) are never dropped silently: every effect carries `n` (items paired) and `unpaired` (items left
+out, per side), and `AxisEffect.unpaired` names the points and task for the report's note. The same task name on
+different data (as recorded in `eval/<task>/task.json`) is a broken contract and an error.
+
 Training randomness is a second noise: where the grid has a seed axis, `seed_noise` measures how much a point's
 score moves when only the seed changes, and an effect is marked only when it exceeds both (`beyond_noise`).
 """
@@ -29,11 +34,13 @@ SUMMARIES = ("fine_grained", "general", "gap")
 
 @dataclass(frozen=True)
 class Estimate:
-    """A value with its standard error over `n` items (`se` is 0 when n < 2)."""
+    """A value with its standard error over `n` items (`se` is 0 when n < 2). A paired effect's `unpaired` counts
+    the items of its (reference, other) side that were left out because not every compared point evaluated them."""
 
     value: float
     se: float
     n: int
+    unpaired: tuple[int, int] = (0, 0)
 
     def beyond(self, k: float = 2.0) -> bool:
         return self.se > 0 and abs(self.value) > k * self.se
@@ -47,6 +54,7 @@ class TaskScores:
     family: str
     headline: str
     items: dict[str, dict[str, ItemScore]]  # metric -> item id -> contribution
+    config: dict[str, Any] = field(default_factory=dict)  # as recorded in eval/<task>/task.json ({} if not)
 
 
 @dataclass
@@ -88,12 +96,21 @@ def estimate(scores: Mapping[str, ItemScore]) -> Estimate:
     return Estimate(ratio, _se(list(z.values())), len(z))
 
 
-def paired_effect(pairs: Sequence[tuple[Mapping[str, ItemScore], Mapping[str, ItemScore]]]) -> Estimate:
+ScorePairs = Sequence[tuple[Mapping[str, ItemScore], Mapping[str, ItemScore]]]
+
+
+def shared_items(pairs: ScorePairs) -> set[str]:
+    """The items every score map of every (reference, other) pair holds: those a paired effect uses."""
+    return set.intersection(*(set(a) & set(b) for a, b in pairs)) if pairs else set()
+
+
+def paired_effect(pairs: ScorePairs) -> Estimate:
     """Mean over (reference, other) score maps of `R_other − R_reference`, on the items all of them share; the SE
-    is that of the per-item influence differences averaged over the pairs."""
+    is that of the per-item influence differences averaged over the pairs. `unpaired` counts, summed over the
+    pairs, each side's items left out of that shared set."""
     if not pairs:
         raise UserError("no pairs of points to compare.")
-    common = set.intersection(*(set(a) & set(b) for a, b in pairs))
+    common = shared_items(pairs)
     if not common:
         raise UserError("the compared points share no eval items; evaluate them on the same items.")
     diffs, z_sum = [], dict.fromkeys(common, 0.0)
@@ -104,19 +121,27 @@ def paired_effect(pairs: Sequence[tuple[Mapping[str, ItemScore], Mapping[str, It
         for i in common:
             z_sum[i] += zb[i] - za[i]
     k = len(pairs)
-    return Estimate(sum(diffs) / k, _se([v / k for v in z_sum.values()]), len(common))
+    unpaired = (sum(len(set(a) - common) for a, _ in pairs), sum(len(set(b) - common) for _, b in pairs))
+    return Estimate(sum(diffs) / k, _se([v / k for v in z_sum.values()]), len(common), unpaired)
+
+
+def _add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return a[0] + b[0], a[1] + b[1]
 
 
 def mean_of(estimates: Sequence[Estimate]) -> Estimate:
     """Mean of estimates over disjoint item sets (independent errors)."""
     k = len(estimates)
+    unpaired = (0, 0)
+    for e in estimates:
+        unpaired = _add(unpaired, e.unpaired)
     return Estimate(sum(e.value for e in estimates) / k, math.sqrt(sum(e.se ** 2 for e in estimates)) / k,
-                    sum(e.n for e in estimates))
+                    sum(e.n for e in estimates), unpaired)
 
 
 def difference(a: Estimate, b: Estimate) -> Estimate:
     """`a − b` for estimates over disjoint item sets."""
-    return Estimate(a.value - b.value, math.sqrt(a.se ** 2 + b.se ** 2), a.n + b.n)
+    return Estimate(a.value - b.value, math.sqrt(a.se ** 2 + b.se ** 2), a.n + b.n, _add(a.unpaired, b.unpaired))
 
 
 # ---------------------------------------------------------------- one point
@@ -158,21 +183,73 @@ def twin_pairs(points: Sequence[PointScores], factors: Sequence[Sequence[str]], 
     return [(ctx[reference], ctx[level]) for ctx in by_ctx.values() if reference in ctx and level in ctx]
 
 
-def _effect(pairs: list[tuple[PointScores, PointScores]], metric: str) -> Estimate | None:
-    """Pooled paired effect on a task (`metric` = task name: its headline) or on a summary."""
+@dataclass(frozen=True)
+class Unpaired:
+    """One compared pair of points whose paired effect on `task` left items out: `n` items were paired, and
+    `only_reference` / `only_other` items of each point were not, because not every compared point evaluated them
+    (another `limit`, a lost shard, ...)."""
+
+    task: str
+    reference: str
+    other: str
+    n: int
+    only_reference: int
+    only_other: int
+
+
+# the config entries that say which data a task reads: the same task name must mean the same data at every point
+DATA_KEYS = ("type", "hf", "config", "split", "path", "data_file", "data_files", "questions_file", "annotations_file",
+             "classes_file", "classnames", "image_root", "image_roots", "images_config")
+
+
+def check_same_data(a: PointScores, b: PointScores, task: str) -> None:
+    """Two points compared on `task` must have evaluated it on the same data (as their task.json recorded it);
+    a point without a record is not checked."""
+    ca, cb = a.tasks[task].config, b.tasks[task].config
+    if not ca or not cb:
+        return
+    diff = [k for k in DATA_KEYS if ca.get(k) != cb.get(k)]
+    if diff:
+        what = "; ".join(f"{k}: {ca.get(k)!r} vs {cb.get(k)!r}" for k in diff)
+        raise UserError(
+            f"task {task!r} was evaluated on different data by the points {a.id} and {b.id}, which the report "
+            f"compares ({what}; recorded in {a.id}/eval/{task}/task.json and {b.id}/eval/{task}/task.json). A task "
+            "name must mean the same data at every point of a grid: re-evaluate the odd point with the grid's task "
+            "config (`vlm eval RUN_DIR --overwrite`), or give the other data its own task name.")
+
+
+def _task_effect(pairs: list[tuple[PointScores, PointScores]], task: str) -> tuple[Estimate, tuple[Unpaired, ...]]:
+    for a, b in pairs:
+        check_same_data(a, b, task)
+    maps = [(_headline_items(a.tasks[task]), _headline_items(b.tasks[task])) for a, b in pairs]
+    common = shared_items(maps)
+    if not common:
+        names = ", ".join(f"{a.id} vs {b.id}" for a, b in pairs)
+        raise UserError(f"task {task!r}: the compared points ({names}) share no eval item ids; evaluate them on the "
+                        "same items (the same data and `limit`: `vlm eval RUN_DIR --overwrite`).")
+    unpaired = tuple(Unpaired(task, a.id, b.id, len(common), len(set(ma) - common), len(set(mb) - common))
+                     for (a, b), (ma, mb) in zip(pairs, maps) if set(ma) != common or set(mb) != common)
+    return paired_effect(maps), unpaired
+
+
+def _effect(pairs: list[tuple[PointScores, PointScores]], metric: str) -> tuple[Estimate, tuple[Unpaired, ...]] | None:
+    """Pooled paired effect on a task (`metric` = task name: its headline) or on a summary, with every pair whose
+    items were not all paired."""
     if not pairs:
         return None
     if metric not in SUMMARIES:
         if not all(metric in a.tasks and metric in b.tasks for a, b in pairs):
             return None
-        return paired_effect([(_headline_items(a.tasks[metric]), _headline_items(b.tasks[metric])) for a, b in pairs])
+        return _task_effect(pairs, metric)
     if metric == "gap":
         fg, gen = _effect(pairs, "fine_grained"), _effect(pairs, "general")
-        return difference(fg, gen) if fg and gen else None
+        return (difference(fg[0], gen[0]), fg[1] + gen[1]) if fg and gen else None
     tasks = sorted(set.intersection(*({n for n, t in p.tasks.items() if t.family == metric}
                                       for a, b in pairs for p in (a, b))))
     effects = [_effect(pairs, t) for t in tasks]
-    return mean_of([e for e in effects if e]) if tasks and all(effects) else None
+    if not tasks or not all(effects):
+        return None
+    return mean_of([e[0] for e in effects if e]), tuple(u for e in effects if e for u in e[1])
 
 
 def seed_noise(points: Sequence[PointScores], factors: Sequence[Sequence[str]], seed_factor: Sequence[str],
@@ -187,6 +264,8 @@ def seed_noise(points: Sequence[PointScores], factors: Sequence[Sequence[str]], 
         diffs = []
         for level in levels[1:]:
             for a, b in twin_pairs(points, factors, seed_factor, levels[0], level):
+                for task in set(a.tasks) & set(b.tasks):
+                    check_same_data(a, b, task)
                 sa, sb = point_summary(a).get(metric), point_summary(b).get(metric)
                 if sa and sb:
                     diffs.append(sb.value - sa.value)
@@ -204,6 +283,7 @@ class AxisEffect:
     effect: Estimate
     pairs: int
     seed_sd: float | None = None  # seed noise of this pooled effect (sd / √pairs), where a seed axis exists
+    unpaired: tuple[Unpaired, ...] = ()  # the compared pairs whose items were not all paired (see `Unpaired`)
 
     @property
     def marked(self) -> bool:
@@ -233,9 +313,9 @@ def axis_effects(points: Sequence[PointScores], factors: Sequence[Sequence[str]]
         for level in levels[1:]:
             pairs = twin_pairs(points, factors, factor, levels[0], level)
             for metric in metrics:
-                eff = _effect(pairs, metric)
-                if eff is None:
+                found = _effect(pairs, metric)
+                if found is None:
                     continue
                 sd = noise[metric]["sd"] / math.sqrt(len(pairs)) if metric in noise else None
-                out.append(AxisEffect("+".join(factor), level, levels[0], metric, eff, len(pairs), sd))
+                out.append(AxisEffect("+".join(factor), level, levels[0], metric, found[0], len(pairs), sd, found[1]))
     return out

@@ -46,7 +46,7 @@ def _fmt(e: AxisEffect | None) -> str:
     if e is None:
         return "–"
     seed = f", seed noise {e.seed_sd:.3f}" if e.seed_sd is not None else ", no seed axis"
-    return f"{e.effect.value:+.3f} ± {e.effect.se:.3f}{seed}"
+    return f"{e.effect.value:+.3f} ± {e.effect.se:.3f} over {e.effect.n} items paired{seed}"
 
 
 def _get(effects: Sequence[AxisEffect], axis: str, level: str, metric: str) -> AxisEffect | None:

@@ -11,12 +11,12 @@ import csv
 import html
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 from vlm.io import atomic_write_bytes, atomic_write_text
 from vlm.report import plots as report_plots
 from vlm.report.collect import HEADLINE, PROTOCOL_METRICS, Collected, collect
-from vlm.report.effects import AxisEffect, Estimate, axis_effects, point_summary, seed_noise
+from vlm.report.effects import AxisEffect, Estimate, Unpaired, axis_effects, point_summary, seed_noise
 from vlm.report.findings import Finding, findings
 
 
@@ -42,21 +42,46 @@ def write_csv(data: Collected, summaries: dict[str, dict[str, Estimate]], path: 
     atomic_write_text(path, buf.getvalue())
 
 
-# ---------------------------------------------------------------- tables as (title, header, rows)
+# ---------------------------------------------------------------- tables
 
-Table = tuple[str, list[str], list[list[Any]]]
+
+class Table(NamedTuple):
+    title: str
+    header: list[str]
+    rows: list[list[Any]]
+    notes: Sequence[str] = ()  # printed under the table (e.g. items a paired effect could not pair)
 
 
 def _pm(e: Estimate | None) -> str | None:
     return None if e is None else f"{e.value:.3f} ± {e.se:.3f}"
 
 
+def _items(*estimates: Estimate | None) -> str:
+    return " / ".join("–" if e is None else str(e.n) for e in estimates)
+
+
 def overview_table(data: Collected, summaries: dict[str, dict[str, Estimate]]) -> Table:
-    """Every planned point: its state and fine-grained, general and gap, each ± its SE over eval items."""
-    header = ["run", "state", *data.axes, "fine-grained", "general", "gap"]
-    rows = [[r.id, r.state, *(r.labels[a] for a in data.axes),
-             *(_pm(summaries.get(r.id, {}).get(k)) if r.ok else None for k in HEADLINE)] for r in data.rows]
-    return "Runs (mean ± standard error over eval items)", header, rows
+    """Every planned point: its state and fine-grained, general and gap, each ± its SE over eval items, and how
+    many items each summary holds."""
+    header = ["run", "state", *data.axes, "fine-grained", "general", "gap", "items (fg / gen)"]
+    rows = []
+    for r in data.rows:
+        s = summaries.get(r.id, {}) if r.ok else {}
+        rows.append([r.id, r.state, *(r.labels[a] for a in data.axes), *(_pm(s.get(k)) for k in HEADLINE),
+                     _items(s.get("fine_grained"), s.get("general")) if s else None])
+    return Table("Runs (mean ± standard error over eval items)", header, rows)
+
+
+def unpaired_notes(effects: Sequence[AxisEffect]) -> list[str]:
+    """One line per compared pair of points and task whose paired effect left items out."""
+    seen: dict[tuple[str, str, str], Unpaired] = {}
+    for e in effects:
+        for u in e.unpaired:
+            seen.setdefault((u.task, u.reference, u.other), u)
+    return [f"Unpaired items: task {u.task}, {u.other} vs {u.reference}: {u.n} items paired; "
+            f"{u.only_reference} of {u.reference}'s and {u.only_other} of {u.other}'s items left out, because not "
+            "every compared point evaluated them (evaluate the points on the same items, e.g. the same limit, to "
+            "use them all)." for u in seen.values()]
 
 
 def _effect_cell(e: AxisEffect | None) -> str | None:
@@ -67,12 +92,12 @@ def _effect_cell(e: AxisEffect | None) -> str | None:
 
 def effects_table(data: Collected, effects: list[AxisEffect]) -> Table:
     """Per axis and level: its effect on fine-grained next to its effect on general (and on the gap) — the
-    comparison the study is about — with the seed noise and the number of point pairs."""
+    comparison the study is about — with the seed noise, the number of point pairs and of items paired."""
     seeded = data.seed_axis is not None
     rule = ("* = |Δ| > 2 SE over items and > 2 × seed noise" if seeded else
             "* = |Δ| > 2 SE over items; no seed axis, so training noise is not measured")
     header = ["axis", "role", "level vs reference", "Δ fine-grained", "Δ general", "Δ gap", "seed noise (fg / gen)",
-              "point pairs"]
+              "point pairs", "items paired (fg / gen)"]
     rows = []
     for axis, level, ref in dict.fromkeys((e.axis, e.level, e.reference) for e in effects):
         get = {e.metric: e for e in effects if (e.axis, e.level) == (axis, level)}
@@ -80,27 +105,30 @@ def effects_table(data: Collected, effects: list[AxisEffect]) -> Table:
         noise = " / ".join("–" if x is None or x.seed_sd is None else f"{x.seed_sd:.3f}" for x in (fg, gen))
         pairs = next(iter(get.values())).pairs
         rows.append([axis, data.roles.get(axis) or "–", f"{level} vs {ref}", _effect_cell(fg), _effect_cell(gen),
-                     _effect_cell(get.get("gap")), noise, pairs])
-    return f"Axis effects: paired change when only this axis changes ({rule})", header, rows
+                     _effect_cell(get.get("gap")), noise, pairs, _items(*(x and x.effect for x in (fg, gen)))])
+    shown = [e for e in effects if e.metric in HEADLINE]
+    return Table(f"Axis effects: paired change when only this axis changes ({rule})", header, rows,
+                 unpaired_notes(shown))
 
 
 def task_effects_table(effects: list[AxisEffect]) -> Table:
     rows = [[e.axis, f"{e.level} vs {e.reference}", e.metric, _effect_cell(e),
              "–" if e.seed_sd is None else f"{e.seed_sd:.3f}", e.effect.n, e.pairs]
             for e in effects if e.metric not in HEADLINE]
-    return ("Axis effects per task (headline metric; * as above)",
-            ["axis", "level vs reference", "task", "Δ", "seed noise", "items", "point pairs"], rows)
+    return Table("Axis effects per task (headline metric; * as above)",
+                 ["axis", "level vs reference", "task", "Δ", "seed noise", "items paired", "point pairs"], rows,
+                 unpaired_notes([e for e in effects if e.metric not in HEADLINE]))
 
 
 def seed_noise_table(data: Collected) -> Table:
     """Per summary: how much a point moves when only its seed changes (each pair's difference and their RMS)."""
     if data.seed_axis is None:
-        return "Seed noise", [], []
+        return Table("Seed noise", [], [])
     seed_factor = next(f for f in data.factors if data.seed_axis in f)
     noise = seed_noise(data.finished, data.factors, seed_factor, HEADLINE)
     rows = [[m, ", ".join(f"{d:+.3f}" for d in n["diffs"]), f"{n['sd']:.3f}", n["pairs"]] for m, n in noise.items()]
-    return ("Seed noise (a point trained again with another seed − the same point, same items)",
-            ["summary", "per-pair differences", "sd of a difference (RMS)", "pairs"], rows)
+    return Table("Seed noise (a point trained again with another seed − the same point, same items)",
+                 ["summary", "per-pair differences", "sd of a difference (RMS)", "pairs"], rows)
 
 
 def summary_tables(data: Collected) -> list[Table]:
@@ -115,7 +143,8 @@ def summary_tables(data: Collected) -> list[Table]:
 
 def findings_table(found: list[Finding]) -> Table:
     rows = [[f.claim, f.axis or "–", f.verdict, f.evidence] for f in found]
-    return ("Findings: does this grid support the seed papers' claims?", ["claim", "axis", "verdict", "evidence"], rows)
+    return Table("Findings: does this grid support the seed papers' claims?", ["claim", "axis", "verdict", "evidence"],
+                 rows)
 
 
 def tasks_table(data: Collected) -> Table:
@@ -124,7 +153,7 @@ def tasks_table(data: Collected) -> Table:
     for r in data.rows:
         for name, t in r.tasks.items():
             seen.setdefault(name, [name, FAMILIES.get(t["family"], t["family"]), t["type"], t["headline"]])
-    return "Tasks and their headline metrics", ["task", "family", "type", "headline metric"], list(seen.values())
+    return Table("Tasks and their headline metrics", ["task", "family", "type", "headline metric"], list(seen.values()))
 
 
 FAMILIES = {"fine_grained": "fine-grained classification", "general": "general VQA", "diagnostic": "fine-grained diagnostics",
@@ -143,7 +172,8 @@ def dataset_tables(data: Collected) -> list[Table]:
         tasks = sorted({n for r in data.rows for n, t in r.tasks.items() if t["family"] == fam})
         heads = {n: next(t["headline"] for r in data.rows for m, t in r.tasks.items() if m == n) for n in tasks}
         rows = [[r.id, *(r.tasks[n]["score"] if n in r.tasks else _missing(r) for n in tasks)] for r in data.rows]
-        tables.append((f"Per dataset — {FAMILIES.get(fam, fam)}", ["run", *(f"{n} ({heads[n]})" for n in tasks)], rows))
+        tables.append(Table(f"Per dataset — {FAMILIES.get(fam, fam)}", ["run", *(f"{n} ({heads[n]})" for n in tasks)],
+                            rows))
     return tables
 
 
@@ -159,12 +189,12 @@ def protocol_tables(data: Collected) -> list[Table]:
             vals = [t["protocols"][p] for t in r.tasks.values() if p in t["protocols"]]
             cells.append(sum(vals) / len(vals) if vals else _missing(r))
         summary.append([r.id, *cells])
-    tables = [("Per protocol — fine-grained classification, mean over datasets",
-               ["run", *(f"{p} ({PROTOCOL_METRICS[p]})" for p in protocols)], summary)]
+    tables = [Table("Per protocol — fine-grained classification, mean over datasets",
+                    ["run", *(f"{p} ({PROTOCOL_METRICS[p]})" for p in protocols)], summary)]
     for p in protocols:
         tasks = sorted({n for r in data.rows for n, t in r.tasks.items() if p in t["protocols"]})
         rows = [[r.id, *(r.tasks[n]["protocols"].get(p) if n in r.tasks else _missing(r) for n in tasks)] for r in data.rows]
-        tables.append((f"Protocol {p} ({PROTOCOL_METRICS[p]}) per dataset", ["run", *tasks], rows))
+        tables.append(Table(f"Protocol {p} ({PROTOCOL_METRICS[p]}) per dataset", ["run", *tasks], rows))
     return tables
 
 
@@ -186,32 +216,35 @@ def probe_pairs(data: Collected) -> list[dict[str, Any]]:
 def probe_table(pairs: list[dict[str, Any]]) -> Table:
     rows = [[p["run"], p["dataset"], p["ceiling"], p["probe"], p["vlm"], p["vlm_metric"],
              None if p["vlm"] is None else p["probe"] - p["vlm"]] for p in pairs]
-    return ("Encoder ceilings (linear probe, zero-shot) vs the VLM",
-            ["run", "dataset", "ceiling task", "ceiling acc", "VLM", "VLM metric", "ceiling − VLM"], rows)
+    return Table("Encoder ceilings (linear probe, zero-shot) vs the VLM",
+                 ["run", "dataset", "ceiling task", "ceiling acc", "VLM", "VLM metric", "ceiling − VLM"], rows)
 
 
 def problems_table(data: Collected) -> Table:
     rows = [[r.id, r.state, r.error or ("no results.json" if r.state == "done" else "not finished")]
             for r in data.rows if not r.ok]
-    return "Missing or failed runs", ["run", "state", "why"], rows
+    return Table("Missing or failed runs", ["run", "state", "why"], rows)
 
 
 # ---------------------------------------------------------------- rendering
 
 
 def md_table(t: Table) -> str:
-    title, header, rows = t
+    title, header, rows, notes = t
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += [""] + [f"> **Note.** {n}\n" for n in notes] if notes else []
     return "\n".join(lines) + "\n"
 
 
 def _html_table(t: Table) -> str:
-    title, header, rows = t
+    title, header, rows, notes = t
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td class='{_cls(c)}'>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>"
                    for row in rows)
-    return f"<h2>{html.escape(title)}</h2>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+    below = "".join(f"<p class='note'><b>Note.</b> {html.escape(n)}</p>\n" for n in notes)
+    return (f"<h2>{html.escape(title)}</h2>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+            f"{below}")
 
 
 def _cls(c: Any) -> str:
@@ -221,7 +254,7 @@ def _cls(c: Any) -> str:
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}td.num{text-align:right;font-family:monospace}
-td.bad{background:#fdd}td.warn{background:#ffd}img{max-width:100%;border:1px solid #eee;margin:1em 0}"""
+td.bad{background:#fdd}td.warn{background:#ffd}p.note{background:#ffd;padding:4px 8px}img{max-width:100%;border:1px solid #eee;margin:1em 0}"""
 
 
 def build_report(grid_dir: str | Path) -> dict[str, Path]:
