@@ -6,6 +6,11 @@ every process under fsdp, and the trained modules' buffers, e.g. BatchNorm stati
 `rng.safetensors` (torch RNG of the CPU and of this process's GPU). It is written under a temporary name and
 renamed into place, then `latest.json` is replaced atomically, so a kill at any moment leaves the previous
 checkpoint usable.
+
+Under DeepSpeed ZeRO the optimizer state stays partitioned: instead of `optimizer.*`, every process writes its own
+partition, `partition.rankNNNNN.safetensors` + `.json` (`write_partition`), into the staging dir
+`.tmp-step_NNNNNNNN` (`staging_dir`) before the main process completes and renames it (`save_checkpoint(...,
+staged=)`); the checkpoint dir must then be on a filesystem every process sees.
 """
 from __future__ import annotations
 
@@ -96,17 +101,47 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict,
-                    state: dict, keep: int = 2) -> Path:
+def staging_dir(ckpt_root: Path, step: int) -> Path:
+    """Where the processes write their partitions of the checkpoint of `step` before it is renamed into place (a
+    leftover of a killed attempt is overwritten file by file, then removed by the next completed checkpoint)."""
+    return ckpt_root / f".tmp-step_{step:08d}"
+
+
+def _partition_name(rank: int) -> str:
+    return f"partition.rank{rank:05d}"
+
+
+def write_partition(staged: Path, rank: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """This process's partition of a checkpoint (tensors in safetensors, the rest in JSON), into `staged`."""
+    staged.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(staged / f"{_partition_name(rank)}.safetensors", tensors)
+    atomic_write_json(staged / f"{_partition_name(rank)}.json", meta)
+
+
+def read_partition(ckpt: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Process `rank`'s partition (`write_partition`) of checkpoint `ckpt`."""
+    f = ckpt / f"{_partition_name(rank)}.json"
+    if not f.is_file():
+        n = len(list(ckpt.glob("partition.rank*.json")))
+        raise UserError(f"checkpoint {ckpt} holds the partitions of {n} process(es), none of process {rank}; "
+                        f"relaunch with the processes and strategy that wrote it, or delete {ckpt.parent} to start "
+                        "the stage fresh.")
+    return load_file(str(ckpt / f"{_partition_name(rank)}.safetensors")), read_json(f)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict | None,
+                    state: dict, keep: int = 2, staged: Path | None = None) -> Path:
     """Write `ckpt_root/step_NNNNNNNN/` atomically and point `latest.json` at it. `weights`: the full trained
     parameters and buffers (`trainable_state`, or gathered from every process); `optimizer_state`: a full torch
-    optimizer state dict; `state`: JSON (scheduler, data position, ...)."""
+    optimizer state dict, or None where each process wrote its partition into `staged` (`staging_dir`), which
+    then becomes the checkpoint; `state`: JSON (scheduler, data position, ...)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
+    tmp = staged if staged is not None else Path(tempfile.mkdtemp(dir=ckpt_root, prefix=".tmp-"))
     atomic_save_safetensors(tmp / "trainable.safetensors", weights)
-    ot, om = optimizer_to_flat(optimizer_state)
-    atomic_save_safetensors(tmp / "optimizer.safetensors", ot)
-    atomic_write_json(tmp / "optimizer.json", om)
+    if optimizer_state is not None:
+        ot, om = optimizer_to_flat(optimizer_state)
+        atomic_save_safetensors(tmp / "optimizer.safetensors", ot)
+        atomic_write_json(tmp / "optimizer.json", om)
     rt, rm = rng_state()
     atomic_save_safetensors(tmp / "rng.safetensors", rt)
     atomic_write_json(tmp / "state.json", {**state, "step": step, "rng": rm})
@@ -132,12 +167,13 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return d if d.is_dir() else None
 
 
-def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(trained weights and buffers, optimizer state dict, `state.json` with `rng_state` = (tensors, meta) for
-    `set_rng_state`)."""
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
+    """(trained weights and buffers, optimizer state dict or None where it is partitioned (`read_partition`),
+    `state.json` with `rng_state` = (tensors, meta) for `set_rng_state`)."""
     weights = load_file(str(ckpt / "trainable.safetensors"))
     optim = optimizer_from_flat(load_file(str(ckpt / "optimizer.safetensors")),
-                                json.loads((ckpt / "optimizer.json").read_text()))
+                                json.loads((ckpt / "optimizer.json").read_text())) \
+        if (ckpt / "optimizer.json").is_file() else None
     state = read_json(ckpt / "state.json")
     state["rng_state"] = (load_file(str(ckpt / "rng.safetensors")), state["rng"])
     return weights, optim, state

@@ -50,8 +50,8 @@ from vlm.recipe.freeze import (MODULES, apply_policy, check_policy_model, has_lo
                                set_train_modes, trained_buffer_names)
 from vlm.recipe.keys import stage_keys
 from vlm.recipe.schema import enabled_stages, plain
-from vlm.train.checkpoint import (latest_checkpoint, load_trained_state, read_checkpoint, rng_state, save_checkpoint,
-                                  set_rng_state)
+from vlm.train.checkpoint import (latest_checkpoint, load_trained_state, read_checkpoint, read_partition, rng_state,
+                                  save_checkpoint, set_rng_state, staging_dir, write_partition)
 from vlm.train.feature_cache import FeatureCache, default_root
 from vlm.train import stop
 from vlm.train.provenance import config_sha256, git_revision, hardware, versions
@@ -506,18 +506,21 @@ def setup_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict) -> Stage
     total = total_steps(len(ds), gbs, st["epochs"], st["max_steps"])
     strategy = make_strategy(cfg["distributed"]["strategy"], acc, autocast_dtype(st["precision"]))
     cache, cache_info = _cache_plan(run, vlm, st, name, records, total / max(spe, 1), strategy)
-    if st["save_every"] and not strategy.checkpoints:
-        raise UserError(f"stages.{name}.save_every: mid-stage checkpoints are not supported under {strategy.name} "
-                        "(its optimizer state is partitioned and DeepSpeed writes it only as pickles); set "
-                        "save_every: 0 or use fsdp / ddp. The stage artifact is saved either way.")
     state = setup_training(vlm, st, total, strategy, f"stages.{name}")
     stage = Stage(name=name, st=st, dataset=ds, lengths=ds.lengths(), global_batch=gbs,
                   steps_per_epoch=spe, total=total, state=state, cache=cache, cache_info=cache_info,
                   skipped=len([s for d in {i["dataset"] for i in st["data"]} for s in sources[d].skipped]))
-    ckpt = latest_checkpoint(run.run_dir / "stages" / name / "checkpoints") if strategy.checkpoints else None
+    ckpt = latest_checkpoint(run.run_dir / "stages" / name / "checkpoints")
     if ckpt is not None:
         weights, optim_state, saved = read_checkpoint(ckpt)
-        strategy.load_state(state.model, state.optimizer, weights, optim_state, f"checkpoint {ckpt}")
+        where = f"checkpoint {ckpt}"
+        if "distributed" in saved:  # checkpoints written before it was recorded: ddp / fsdp
+            strategy.check_checkpoint(saved["distributed"], where)
+        if strategy.partitioned:  # each process's own partition; the trained buffers from the main process
+            strategy.load_partition(state.model, state.optimizer, *read_partition(ckpt, acc.process_index), where)
+            load_trained_state(strategy.unwrap(state.model), {n: weights[n] for n in state.buffers}, where)
+        else:
+            strategy.load_state(state.model, state.optimizer, weights, optim_state, where)
         state.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(*saved["rng_state"])
         stage.step, stage.skipped = saved["step"], saved["skipped_samples"]
@@ -528,16 +531,23 @@ def setup_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict) -> Stage
 
 
 def _checkpoint(run: Run, stage: Stage, keep: int) -> None:
-    """Save the stage's state at `stage.step` (a collective: every process gathers its shards)."""
+    """Save the stage's state at `stage.step` (a collective: every process gathers its shards; under deepspeed
+    every process first writes its own partition into the staging dir, which the main process completes)."""
     s = stage.state
-    weights = s.strategy.full_state(s.model, s.buffers)
-    optim_state = s.strategy.optimizer_state(s.model, s.optimizer)
+    root = run.run_dir / "stages" / stage.name / "checkpoints"
+    staged = staging_dir(root, stage.step) if s.strategy.partitioned else None
+    if staged is not None:
+        write_partition(staged, run.acc.process_index, *s.strategy.partition_state(s.model, s.optimizer))
+    weights = s.strategy.full_state(s.model, s.buffers)  # the full fp32 weights, as the stage artifact holds them
+    optim_state = None if staged is not None else s.strategy.optimizer_state(s.model, s.optimizer)
+    run.acc.wait_for_everyone()  # every partition written
     if run.main:
         epoch, pos = divmod(stage.step, stage.steps_per_epoch)
-        save_checkpoint(run.run_dir / "stages" / stage.name / "checkpoints", stage.step, weights, optim_state,
+        save_checkpoint(root, stage.step, weights, optim_state,
                         {"epoch": epoch, "batch_in_epoch": pos, "skipped_samples": stage.skipped,
                          "truncated_samples": stage.truncated, "scheduler": s.scheduler.state_dict(),
-                         "scaler": s.scaler.state_dict() if s.scaler is not None else None}, keep=keep)
+                         "scaler": s.scaler.state_dict() if s.scaler is not None else None,
+                         "distributed": s.strategy.checkpoint_info()}, keep=keep, staged=staged)
     run.acc.wait_for_everyone()
 
 
@@ -551,14 +561,12 @@ def _stop_agreed(acc: Any) -> bool:
 
 
 def _stop(run: Run, stage: Stage, saved: bool) -> None:
-    """End the stage early on a stop request: checkpoint here (where the strategy can) and raise `stop.Stopped`."""
-    resumable = stage.state.strategy.checkpoints
-    if resumable and not saved:
+    """End the stage early on a stop request: checkpoint here (unless just saved) and raise `stop.Stopped`."""
+    if not saved:
         _checkpoint(run, stage, keep=2)
     run.status(state="stopped", stage=stage.name, step=stage.step, total_steps=stage.total)
-    where = (f"checkpoint saved in {run.run_dir / 'stages' / stage.name / 'checkpoints'}" if resumable else
-             f"{stage.state.strategy.name} has no mid-stage checkpoints: the stage restarts")
-    raise stop.Stopped(f"stage {stage.name} stopped at step {stage.step}/{stage.total} on request; {where}")
+    raise stop.Stopped(f"stage {stage.name} stopped at step {stage.step}/{stage.total} on request; checkpoint saved "
+                       f"in {run.run_dir / 'stages' / stage.name / 'checkpoints'}")
 
 
 def run_stage(run: Run, stage: Stage) -> None:
@@ -632,8 +640,7 @@ def run_stage(run: Run, stage: Stage) -> None:
             bar.close()
             _stop(run, stage, saved)
     bar.close()
-    if stage.state.strategy.checkpoints:  # the full end state too (resume at the end = nothing left to do)
-        _checkpoint(run, stage, keep=1)
+    _checkpoint(run, stage, keep=1)  # the end state too (resume at the end = nothing left to do)
 
 
 def _eval_model(run: Run, stage: Stage) -> Any:

@@ -7,6 +7,7 @@ FSDP runs on CPU with gloo as on GPU with NCCL), ZeRO through `deepspeed.initial
 engaged is a `UserError`, never a silent fallback, and `describe()` is what `manifest.json` records.
 
 Every collective method (`full_state`, `optimizer_state`, `load_state`) must be called by every process.
+`partition_state` / `load_partition` (DeepSpeed: each process's own ZeRO partition) are per process.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from vlm.errors import UserError
-from vlm.train.checkpoint import load_trained_state, trainable_state
+from vlm.train.checkpoint import load_trained_state, optimizer_from_flat, optimizer_to_flat, trainable_state
 
 
 def build_optimizer(groups: list[dict], optim: dict) -> torch.optim.Optimizer:
@@ -54,7 +55,7 @@ class Strategy:
 
     name = "ddp"
     sharded = False
-    checkpoints = True  # mid-stage checkpoints (save_every, resume)
+    partitioned = False  # checkpoints hold each process's partition (`partition_state`), not the full optimizer state
 
     def __init__(self, acc: Any, dtype: torch.dtype | None) -> None:
         self.acc, self.dtype = acc, dtype
@@ -98,6 +99,17 @@ class Strategy:
         return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
     # ---------------------------------------------------------------- state (collective)
+    def checkpoint_info(self) -> dict:
+        """What a checkpoint records of the strategy that wrote it (`check_checkpoint` compares it on resume)."""
+        return {"strategy": self.name, "world_size": self.acc.num_processes}
+
+    def check_checkpoint(self, written: dict, where: str) -> None:
+        """Refuse a checkpoint written under another strategy (their optimizer states are keyed differently)."""
+        if written["strategy"] != self.name:
+            raise UserError(f"{where} was written under distributed.strategy {written['strategy']}, this run uses "
+                            f"{self.name}; resume with {written['strategy']}, or delete the stage's checkpoints dir "
+                            "to start the stage fresh.")
+
     def full_state(self, model: Any, buffers: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         """Full tensors of the trained parameters (fp32) and of the named buffers (BatchNorm statistics of trained
         modules), on the main process; `{}` elsewhere."""
@@ -194,10 +206,15 @@ class DeepSpeedStrategy(Strategy):
     """DeepSpeed ZeRO-2 / ZeRO-3 (`deepspeed.initialize`): fp32 master weights and optimizer state partitioned over
     the processes (ZeRO-3: the 16-bit parameters too), the engine clips by the global norm. Artifacts hold the full
     fp32 master weights, gathered with DeepSpeed's `safe_get_full_fp32_param`. On CPU it runs with DeepSpeed's CPU
-    accelerator (detected when no GPU is visible; `DS_ACCELERATOR=cpu` forces it) over gloo."""
+    accelerator (detected when no GPU is visible; `DS_ACCELERATOR=cpu` forces it) over gloo.
+
+    Checkpoints: each process writes its own ZeRO partition (`partition_state`): the fp32 master flat partitions,
+    the torch optimizer's state over them, the loss scaler and the engine's counters; a resume needs the same
+    process count and ZeRO stage, copies them back and refreshes the 16-bit weights from the fp32 masters as
+    DeepSpeed's own checkpoint loading does (`load_partition`), so it continues bitwise."""
 
     sharded = True
-    checkpoints = False
+    partitioned = True
 
     def __init__(self, acc: Any, dtype: torch.dtype | None, stage: int) -> None:
         super().__init__(acc, dtype)
@@ -242,6 +259,84 @@ class DeepSpeedStrategy(Strategy):
     def inner_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
         return optimizer
 
+    def checkpoint_info(self) -> dict:
+        return {**super().checkpoint_info(), "zero_stage": self.stage}
+
+    def check_checkpoint(self, written: dict, where: str) -> None:
+        world = self.acc.num_processes
+        zero = written["strategy"].startswith("deepspeed_zero")
+        if zero and (written["world_size"] != world or written["zero_stage"] != self.stage):
+            raise UserError(
+                f"{where} was written by {written['world_size']} process(es) under ZeRO-{written['zero_stage']}, "
+                f"this run has {world} under ZeRO-{self.stage}: ZeRO partitions the fp32 weights and the optimizer "
+                f"state per process, so it resumes only as written. Relaunch with {written['world_size']} processes "
+                "(`--nproc_per_node`), or delete the stage's checkpoints dir to start the stage fresh.")
+        super().check_checkpoint(written, where)
+
+    def _fp32_partitions(self, model: Any) -> list[torch.Tensor]:
+        zero = model.optimizer
+        return list(zero.fp32_partitioned_groups_flat if self.stage == 3 else zero.single_partition_of_fp32_groups)
+
+    @contextlib.contextmanager
+    def _optimizer_over_partitions(self, model: Any) -> Iterator[None]:
+        """ZeRO-3 hands the torch optimizer its fp32 partitions only while it steps; put them into its parameter
+        groups meanwhile (as DeepSpeed's own state_dict / load_state_dict do). ZeRO-2 keeps them there."""
+        zero = model.optimizer
+        if self.stage == 3:
+            zero._set_fp32_optimizer_param_groups()
+        try:
+            yield
+        finally:
+            if self.stage == 3:
+                zero._clear_fp32_optimizer_param_groups()
+
+    def partition_state(self, model: Any, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict]:
+        """This process's ZeRO partition: fp32 master partitions `fp32.<group>`, the torch optimizer's state over
+        them `optimizer.<index>.<key>` (+ JSON), the loss scaler and the engine's step counters."""
+        zero = model.optimizer
+        flats = self._fp32_partitions(model)
+        tensors = {f"fp32.{i}": t.detach().cpu().clone() for i, t in enumerate(flats)}
+        with self._optimizer_over_partitions(model):
+            ot, om = optimizer_to_flat(optimizer.state_dict())
+        tensors.update({f"optimizer.{k}": v.clone() for k, v in ot.items()})
+        meta = {**self.checkpoint_info(), "rank": self.acc.process_index,
+                "fp32_partitions": [list(t.shape) for t in flats], "optimizer": om,
+                "loss_scaler": _json_scalars(zero.loss_scaler), "overflow": bool(zero.overflow),
+                "engine": {k: getattr(model, k) for k in _ENGINE_COUNTERS}}
+        return tensors, meta
+
+    def load_partition(self, model: Any, optimizer: Any, tensors: dict[str, torch.Tensor], meta: dict,
+                       where: str) -> None:
+        """Restore this process's partition (`partition_state`), then the 16-bit weights from the fp32 masters."""
+        self.check_checkpoint(meta, where)
+        zero = model.optimizer
+        flats = self._fp32_partitions(model)
+        shapes = [list(t.shape) for t in flats]
+        if meta["fp32_partitions"] != shapes:
+            raise UserError(f"{where}: process {self.acc.process_index}'s fp32 partitions have shapes "
+                            f"{meta['fp32_partitions']}, this model's {shapes}; it was written for another model or "
+                            "freeze policy. Delete the stage's checkpoints dir to start the stage fresh.")
+        if self.stage == 3:
+            zero.checkpoint_event_prologue()  # every parameter partitioned, as DeepSpeed's load_checkpoint does
+        with torch.no_grad():
+            for i, t in enumerate(flats):
+                t.copy_(tensors[f"fp32.{i}"])
+        prefix = "optimizer."
+        with self._optimizer_over_partitions(model):
+            optimizer.load_state_dict(optimizer_from_flat(
+                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["optimizer"]))
+        for k, v in meta["loss_scaler"].items():
+            setattr(zero.loss_scaler, k, v)
+        zero.overflow = meta["overflow"]
+        for k in _ENGINE_COUNTERS:
+            setattr(model, k, meta["engine"][k])
+        if self.stage == 3:  # fp32 -> 16-bit partitions (as its step does), then re-gather the persistent parameters
+            for sub_group in range(len(flats)):
+                zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+            zero.checkpoint_event_epilogue()
+        else:  # fp32 -> this process's 16-bit partition, all-gathered into every process's 16-bit weights
+            zero.update_lp_params()
+
     def full_state(self, model: Any, buffers: Iterable[str] = ()) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -255,6 +350,14 @@ class DeepSpeedStrategy(Strategy):
         if self.acc.is_main_process:
             out.update({n: named[n].detach().cpu().clone() for n in buffers})
         return out
+
+
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+def _json_scalars(obj: Any) -> dict:
+    """The plain-number attributes of `obj` (a DeepSpeed loss scaler: its scale, iteration and overflow counters)."""
+    return {k: v for k, v in vars(obj).items() if v is None or isinstance(v, (bool, int, float))}
 
 
 @contextlib.contextmanager
