@@ -24,8 +24,8 @@ lm-eval's `hf` model where it decides a number:
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of `max_length` tokens (context 1 token, the first
   window conditioned on BOS, else EOS), each scored as a loglikelihood request, summed, as `hf` does.
 Images (`visual`) go where the context holds `<image>`; missing placeholders are prepended.
-Truncation and rolling windows need token-level access to the model (this project's `VLM`, `hf-llava:`
-included); other models (`hf:`) are refused when a request needs them.
+Truncation and rolling windows need token-level access to the model: this project's `VLM` (`hf-llava:` included)
+and `hf:` models, whose image requests are never cut (their image tokens are model-specific: a UserError instead).
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from vlm.errors import UserError
 from vlm.loading import load_vlm
+from vlm.model.hf_auto import HFAutoVLM
 from vlm.model.vlm import VLM
 
 log = logging.getLogger(__name__)
@@ -100,15 +101,35 @@ def keep_last(ids: list[int], budget: int, image_id: int | None, where: str) -> 
     return out
 
 
+def _right_padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids.to(device)
+
+
+def _left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
 class _VLMTokens:
     """Token-level access to this project's `VLM`: the ids `score` / `generate` feed it, and a forward / a
-    generation from given ids (for requests lm-eval truncates, and rolling windows)."""
+    generation from given ids (for requests lm-eval truncates, and rolling windows). `image_id`: the token
+    that holds image features (never cut)."""
 
     def __init__(self, model: VLM) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
-        self.image_id = model.image_token_id
+        self.image_id: int | None = model.image_token_id
         self.config = model.language_model.config
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
 
     def prompt_ids(self, prompt: str, images: list | None, chat: bool) -> list[int]:
         return self.model._prompt_ids(prompt, len(images or []), chat)
@@ -116,35 +137,22 @@ class _VLMTokens:
     def continuation_ids(self, text: str) -> list[int]:
         return self.model._continuation_ids(text)
 
-    def _image_embeds(self, images: list[list]) -> torch.Tensor | None:
+    def _embeds(self, ids: torch.Tensor, images: list[list | None]) -> torch.Tensor:
         flat = [im for group in images for im in (group or [])]
-        return self.model.encode_images(self.model.preprocess(flat)) if flat else None
-
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
+        return self.model.embed(ids, self.model.encode_images(self.model.preprocess(flat)) if flat else None)
 
     @torch.no_grad()
-    def logits(self, rows: list[list[int]], images: list[list]) -> torch.Tensor:
+    def logits(self, rows: list[list[int]], images: list[list | None]) -> torch.Tensor:
         """Logits of right-padded `rows` (no mask: padding comes after every real token, as in `hf`)."""
-        ids = torch.full((len(rows), max(map(len, rows))), self._pad_id(), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        ids = ids.to(self.model.device)
-        return self.model.language_model(inputs_embeds=self.model.embed(ids, self._image_embeds(images))).logits
+        ids = _right_padded(rows, self.pad_id, self.model.device)
+        return self.model.language_model(inputs_embeds=self._embeds(ids, images)).logits
 
     @torch.no_grad()
-    def generate(self, rows: list[list[int]], images: list[list], max_new_tokens: int, stop_strings: Sequence[str],
-                 **kwargs: Any) -> list[str]:
+    def generate(self, rows: list[list[int]], images: list[list | None], max_new_tokens: int,
+                 stop_strings: Sequence[str], **kwargs: Any) -> list[str]:
         """`VLM.generate` from prompt ids: left-padded, masked, the same EOS ids and stop strings."""
         m = self.model
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-        ids, mask = ids.to(m.device), mask.to(m.device)
+        ids, mask = _left_padded(rows, self.pad_id, m.device)
         eos = {self.tokenizer.eos_token_id, *getattr(m.llm, "stop_token_ids", [])}
         gen_eos = m.language_model.generation_config.eos_token_id
         eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
@@ -153,10 +161,56 @@ class _VLMTokens:
         if stops:
             kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
         kwargs.setdefault("do_sample", False)
-        out = m.language_model.generate(inputs_embeds=m.embed(ids, self._image_embeds(images)), attention_mask=mask,
+        out = m.language_model.generate(inputs_embeds=self._embeds(ids, images), attention_mask=mask,
                                         max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
-                                        pad_token_id=self._pad_id(), **kwargs)
+                                        pad_token_id=self.pad_id, **kwargs)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+class _HFAutoTokens:
+    """Token-level access to an `hf:` model (`HFAutoVLM`), text only: its image tokens are family-specific
+    (Qwen2-VL's vision start/end and M-RoPE rows, ...), so an image request is never cut (`image_id` None)."""
+
+    image_id: int | None = None
+
+    def __init__(self, model: HFAutoVLM) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.config = model.model.config
+        self.pad_id = self.tokenizer.pad_token_id
+
+    def prompt_ids(self, prompt: str, images: list | None, chat: bool) -> list[int]:
+        ims = list(images or [])
+        return self.model.inputs([self.model.render(prompt, len(ims), chat)], [ims], chat)["input_ids"][0].tolist()
+
+    def continuation_ids(self, text: str) -> list[int]:
+        return self.model.continuation_ids(text)
+
+    @torch.no_grad()
+    def logits(self, rows: list[list[int]], images: list[list | None]) -> torch.Tensor:
+        assert not any(images), "hf: image requests are never cut"
+        return self.model.model(input_ids=_right_padded(rows, self.pad_id, self.model.device)).logits
+
+    @torch.no_grad()
+    def generate(self, rows: list[list[int]], images: list[list | None], max_new_tokens: int,
+                 stop_strings: Sequence[str], **kwargs: Any) -> list[str]:
+        """`HFAutoVLM.generate` from prompt ids (text only)."""
+        assert not any(images), "hf: image requests are never cut"
+        ids, mask = _left_padded(rows, self.pad_id, self.model.device)
+        stops = [s for s in stop_strings if s]
+        if stops:
+            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        kwargs.setdefault("do_sample", False)
+        out = self.model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+        return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _token_access(model: Any) -> _VLMTokens | _HFAutoTokens | None:
+    if isinstance(model, VLM):
+        return _VLMTokens(model)
+    if isinstance(model, HFAutoVLM):
+        return _HFAutoTokens(model)
+    return None
 
 
 @register_model("vlm_ablate")
@@ -174,7 +228,7 @@ class VLMAblateLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.greedy_check = _as_bool(greedy_check)
         self.chat = _as_bool(chat_template)
-        self.tokens = _VLMTokens(model) if isinstance(model, VLM) else None
+        self.tokens = _token_access(model)
         if max_length is not None:
             self.max_length: int | None = int(max_length)
         elif self.tokens is not None:
@@ -182,12 +236,18 @@ class VLMAblateLM(LM):
         else:
             self.max_length = None
 
-    def _need_tokens(self, what: str) -> _VLMTokens:
+    def _need_tokens(self, what: str) -> _VLMTokens | _HFAutoTokens:
         if self.tokens is None or self.max_length is None:
             raise UserError(f"vlm_ablate: {what} needs token-level access to the model, which "
-                            f"{type(self.model).__name__} does not give (only this project's VLMs, hf-llava: "
-                            "included, do); evaluate it with lm-eval's own hf/hf-multimodal model instead.")
+                            f"{type(self.model).__name__} does not give (this project's VLMs and hf: models do).")
         return self.tokens
+
+    def _keep_last(self, ids: list[int], budget: int, images: list | None, where: str) -> list[int]:
+        if images and self.tokens.image_id is None and len(ids) > budget:
+            raise UserError(f"lm-eval {where}: its {len(ids)} context tokens exceed the {budget} that max_length "
+                            f"{self.max_length} leaves, and an image request of an hf: model cannot be cut (its image "
+                            "tokens are model-specific); raise max_length (model_args) if the model allows it.")
+        return keep_last(ids, budget, self.tokens.image_id, where)
 
     @staticmethod
     def _split(args: tuple) -> tuple[str, Any, list | None]:
@@ -253,7 +313,7 @@ class VLMAblateLM(LM):
             if len(cont_ids) > n:
                 raise UserError(f"lm-eval {_name(r)}: its continuation has {len(cont_ids)} tokens, more than "
                                 f"max_length {n}; raise max_length (model_args) if the model allows it.")
-            long[i] = (keep_last(ctx_ids, n + 1 - len(cont_ids), self.tokens.image_id, _name(r)), cont_ids)
+            long[i] = (self._keep_last(ctx_ids, n + 1 - len(cont_ids), vis, _name(r)), cont_ids)
         return long
 
     def _score_tokens(self, pairs: list[tuple[list[int], list[int]]], images: list) -> list[tuple[float, bool]]:
@@ -322,7 +382,7 @@ class VLMAblateLM(LM):
         for i in idx:
             ids = self.tokens.prompt_ids(parsed[i][0], parsed[i][2], self.chat)
             if len(ids) > budget:
-                out[i] = keep_last(ids, budget, self.tokens.image_id, _name(requests[i]))
+                out[i] = self._keep_last(ids, budget, parsed[i][2], _name(requests[i]))
         return out
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:

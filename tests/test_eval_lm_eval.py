@@ -247,6 +247,32 @@ def test_truncation_keeps_image_tokens(tiny):
         gen(lm, long_ctx, max_len)
 
 
+def test_hf_model_long_inputs_match_lm_eval_hf():
+    """An `hf:` model (tiny LLaVA-NeXT, whose tokenizer adds BOS): truncated loglikelihood, rolling windows and a
+    trimmed generation context as lm-eval's hf model on the same weights; an image request is never cut."""
+    from lm_eval.models.huggingface import HFLM
+    from test_hf_auto import ARCHS
+    from vlm.model.hf_auto import HFAutoVLM
+
+    torch.manual_seed(0)
+    model, proc = ARCHS["llava_next"]()
+    hf_auto = HFAutoVLM(model.eval(), proc, name="tiny-llava-next")
+    assert hf_auto.tokenizer("a")["input_ids"][0] == hf_auto.tokenizer.bos_token_id
+    ref = HFLM(pretrained=model, tokenizer=hf_auto.tokenizer, backend="causal", batch_size=3, max_length=SHORT)
+    ours = VLMAblateLM(model=hf_auto, batch_size=3, max_length=SHORT)
+    ctx = "Q:" + _words(50, 1)
+    ll = [req("loglikelihood", ctx, " red bird"), req("loglikelihood", ctx, " one"),
+          req("loglikelihood", "Q: a", " the")]
+    assert [lp for lp, _ in ours.loglikelihood(ll)] == pytest.approx([lp for lp, _ in ref.loglikelihood(ll)], abs=1e-5)
+    rolling = [req("loglikelihood_rolling", "Once" + _words(3 * SHORT, 3))]
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(ref.loglikelihood_rolling(rolling), abs=1e-4, rel=1e-6)
+    gen = [req("generate_until", ctx, {"until": ["\n\n"], "max_gen_toks": 6}),
+           req("generate_until", "Q: a", {"until": ["\n\n"], "max_gen_toks": 6})]
+    assert ours.generate_until(gen) == ref.generate_until(gen)
+    with pytest.raises(UserError, match="an image request of an hf: model cannot be cut"):
+        ours.loglikelihood([req("loglikelihood", "<image>" + ctx, " red", {"visual": [B.solid("red")]})])
+
+
 def test_simple_evaluate_with_registered_model(tmp_path, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
