@@ -76,6 +76,17 @@ def _is_greedy_field(result: Any) -> bool | None:
     return None if value is None else bool(value)
 
 
+def _positive_int(value: Any, name: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n <= 0 or str(value).strip() != str(n):
+        raise UserError(f"vlm_ablate model_args: {name}={value!r} is not a positive whole number of tokens; "
+                        f"e.g. {name}=2048.")
+    return n
+
+
 def _name(request: Any) -> str:
     """A request as lm-eval's logs name it (task, document, request index)."""
     return (f"task {getattr(request, 'task_name', None)!r} doc {getattr(request, 'doc_id', None)} "
@@ -225,12 +236,12 @@ class VLMAblateLM(LM):
             model = load_vlm(run or model)
         self.model = model
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-        self.max_gen_toks = int(max_gen_toks)
+        self.max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
         self.greedy_check = _as_bool(greedy_check)
         self.chat = _as_bool(chat_template)
         self.tokens = _token_access(model)
         if max_length is not None:
-            self.max_length: int | None = int(max_length)
+            self.max_length: int | None = _positive_int(max_length, "max_length")
         elif self.tokens is not None:
             self.max_length = resolve_max_length(self.tokens.config, self.tokens.tokenizer)
         else:
