@@ -29,6 +29,7 @@ DINOV2 = HFFamily(
     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resize="center_crop", interpolation="bicubic",
     has_cls=True, interpolate_pos_encoding=False, pick=_pick,
     model_types=frozenset({"dinov2", "dinov2_with_registers"}),
+    crop_fraction=224 / 256,  # its BitImageProcessor: short side to 256, then the centre 224 x 224
 )
 
 

@@ -44,6 +44,8 @@ class HFFamily:
     model_types: frozenset[str] = field(default_factory=frozenset)
     """`model_type`s of the vision config this family loads (a checkpoint of another family is an error)."""
     extra_keys: frozenset[str] = field(default_factory=frozenset)
+    crop_fraction: float = 1.0
+    """`center_crop`'s crop over the resized short side, as the family's HF processor does it (DINOv2: 224 of 256)."""
 
 
 def load_config(path: str, family: HFFamily) -> PretrainedConfig:
@@ -121,7 +123,8 @@ class HFViTEncoder(VisionEncoder):
         self.interpolate = family.interpolate_pos_encoding and self.image_size != native
         self.transform = ImageTransform(self.image_size, resize=cfg.get("resize", family.resize),
                                         mean=cfg.get("mean", family.mean), std=cfg.get("std", family.std),
-                                        interpolation=cfg.get("interpolation", family.interpolation))
+                                        interpolation=cfg.get("interpolation", family.interpolation),
+                                        crop_fraction=family.crop_fraction)
         self._digest = DigestCache()
 
     @property
