@@ -33,7 +33,7 @@ stages:
     save_every: 1
     gradient_checkpointing: false
     optim: {lr: 1.0e-3, warmup_ratio: 0.0}
-    freeze: {vision: {mode: partial, k: 1}, llm: {mode: lora, r: 4}}
+    freeze: {vision: {mode: partial, k: 1}, llm: {mode: lora, r: 4, dropout: 0.1}}
 eval:
   tasks:
     - {type: classification, name: cls, path: "${synth_world:tiny,0}/classification", protocols: [open],
@@ -132,6 +132,7 @@ def test_zero_checkpoint_holds_each_process_partition_and_the_full_weights(runs,
         shapes = meta["fp32_partitions"]
         assert [list(tensors[f"fp32.{i}"].shape) for i in range(len(shapes))] == shapes and shapes
         assert {k.rsplit(".", 1)[1] for k in tensors if k.startswith("optimizer.")} == {"exp_avg", "exp_avg_sq", "step"}
+        assert "rng.torch" in tensors and "python" in meta["rng"]  # this process's own RNG (LoRA dropout draws)
     assert load_file(str(ckpt / "trainable.safetensors")).keys() == _artifact(runs / strategy, "finetune").keys()
 
 

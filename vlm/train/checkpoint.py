@@ -8,7 +8,7 @@ renamed into place, then `latest.json` is replaced atomically, so a kill at any 
 checkpoint usable.
 
 Under DeepSpeed ZeRO the optimizer state stays partitioned: instead of `optimizer.*`, every process writes its own
-partition, `partition.rankNNNNN.safetensors` + `.json` (`write_partition`), into the staging dir
+partition (and its own RNG), `partition.rankNNNNN.safetensors` + `.json` (`write_partition`), into the staging dir
 `.tmp-step_NNNNNNNN` (`staging_dir`) before the main process completes and renames it (`save_checkpoint(...,
 staged=)`); the checkpoint dir must then be on a filesystem every process sees.
 """

@@ -516,13 +516,16 @@ def setup_stage(run: Run, vlm: Any, name: str, st: dict, sources: dict) -> Stage
         where = f"checkpoint {ckpt}"
         if "distributed" in saved:  # checkpoints written before it was recorded: ddp / fsdp
             strategy.check_checkpoint(saved["distributed"], where)
-        if strategy.partitioned:  # each process's own partition; the trained buffers from the main process
-            strategy.load_partition(state.model, state.optimizer, *read_partition(ckpt, acc.process_index), where)
+        rng = saved["rng_state"]
+        if strategy.partitioned:  # each process's own partition and RNG; the trained buffers of the main process
+            part, meta = read_partition(ckpt, acc.process_index)
+            strategy.load_partition(state.model, state.optimizer, part, meta, where)
             load_trained_state(strategy.unwrap(state.model), {n: weights[n] for n in state.buffers}, where)
+            rng = ({k.removeprefix("rng."): v for k, v in part.items() if k.startswith("rng.")}, meta["rng"])
         else:
             strategy.load_state(state.model, state.optimizer, weights, optim_state, where)
         state.scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(*saved["rng_state"])
+        set_rng_state(*rng)
         stage.step, stage.skipped = saved["step"], saved["skipped_samples"]
         stage.truncated = saved.get("truncated_samples", 0)
         if state.scaler is not None and saved.get("scaler"):
@@ -537,7 +540,10 @@ def _checkpoint(run: Run, stage: Stage, keep: int) -> None:
     root = run.run_dir / "stages" / stage.name / "checkpoints"
     staged = staging_dir(root, stage.step) if s.strategy.partitioned else None
     if staged is not None:
-        write_partition(staged, run.acc.process_index, *s.strategy.partition_state(s.model, s.optimizer))
+        tensors, meta = s.strategy.partition_state(s.model, s.optimizer)
+        rt, rm = rng_state()  # this process's own
+        write_partition(staged, run.acc.process_index, {**tensors, **{f"rng.{k}": v for k, v in rt.items()}},
+                        {**meta, "rng": rm})
     weights = s.strategy.full_state(s.model, s.buffers)  # the full fp32 weights, as the stage artifact holds them
     optim_state = None if staged is not None else s.strategy.optimizer_state(s.model, s.optimizer)
     run.acc.wait_for_everyone()  # every partition written

@@ -6,8 +6,8 @@ per LLM decoder layer and per vision block, then the root; accelerate ignores it
 FSDP runs on CPU with gloo as on GPU with NCCL), ZeRO through `deepspeed.initialize`. A strategy that cannot be
 engaged is a `UserError`, never a silent fallback, and `describe()` is what `manifest.json` records.
 
-Every collective method (`full_state`, `optimizer_state`, `load_state`) must be called by every process.
-`partition_state` / `load_partition` (DeepSpeed: each process's own ZeRO partition) are per process.
+Every collective method (`full_state`, `optimizer_state`, `load_state`, DeepSpeed's `load_partition`) must be
+called by every process; `partition_state` (DeepSpeed: this process's own ZeRO partition) is local.
 """
 from __future__ import annotations
 
