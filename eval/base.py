@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Literal, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -95,6 +95,12 @@ class Task:
         aggregation)."""
         raise NotImplementedError
 
+    def group_key(self, item: dict) -> Hashable | None:
+        """Items with the same key are predicted side by side (`run` puts them in the same batch where it can, and
+        on the same process): tasks whose items share an image return the image's reference, so the model
+        computes that image's prompt prefix once (`VLM.generate`). None: the item stands alone."""
+        return None
+
     def prepare(self, model: Any, task_dir: Path) -> dict[str, Any]:
         """Hook run once before predicting (e.g. mining options); returns extra info for results.json."""
         return {}
@@ -118,6 +124,8 @@ class Task:
 
         Over several processes (`shard`), each predicts its own slice of the items still to do into its own
         `predictions.shard-<rank>.jsonl`; rank 0 merges every file into `predictions.jsonl` (item order) and scores.
+        Items of one `group_key` are predicted one after another, on one process; the finished predictions file is
+        in item order whatever order they were predicted in.
         """
         task_dir = Path(task_dir)
         pred_path = task_dir / "predictions.jsonl"
@@ -139,7 +147,7 @@ class Task:
         done = {str(r["id"]) for p in (pred_path, *shard_files(task_dir)) for r in read_jsonl(p)}
         shard.barrier()  # every process has read the same `done` before any of them appends
         remaining = [it for it in items if str(it["id"]) not in done]
-        todo = remaining[shard.rank :: shard.world]
+        todo = [it for group in group_items(remaining, self.group_key)[shard.rank :: shard.world] for it in group]
         out_path = pred_path if shard.world == 1 else task_dir / f"predictions.shard-{shard.rank}.jsonl"
         _drop_torn_line(out_path)
         bs = int(self.cfg.get("batch_size", batch_size))
@@ -170,6 +178,23 @@ class Task:
         return result
 
 
+def group_items(items: Sequence[dict], key: Callable[[dict], Hashable | None]) -> list[list[dict]]:
+    """Items with an equal, not-None `key` gathered into one group, placed where the first of them is; every other
+    item is a group of its own."""
+    groups: list[list[dict]] = []
+    where: dict[Hashable, list[dict]] = {}
+    for it in items:
+        k = key(it)
+        if k is None:
+            groups.append([it])
+        elif k in where:
+            where[k].append(it)
+        else:
+            where[k] = [it]
+            groups.append(where[k])
+    return groups
+
+
 def shard_files(task_dir: Path) -> list[Path]:
     """Per-process prediction files of a task dir (any world size: a relaunch may use another)."""
     return sorted(Path(task_dir).glob("predictions.shard-*.jsonl"))
@@ -178,18 +203,21 @@ def shard_files(task_dir: Path) -> list[Path]:
 def merge_predictions(task_dir: Path, items: Sequence[dict]) -> None:
     """Fold every `predictions.shard-*.jsonl` into `predictions.jsonl`: one record per id (the first seen), in item
     order (records of ids no longer among the items keep their order, after them); then delete the shard files.
+    A lone `predictions.jsonl` written in another order (items predicted grouped by image) is put in item order.
     Atomic, and safe to repeat after a kill between the write and the deletes (duplicates are dropped)."""
     task_dir = Path(task_dir)
     parts = shard_files(task_dir)
-    if not parts:
-        return
     pred_path = task_dir / "predictions.jsonl"
     records: dict[str, dict] = {}
+    written: list[str] = []
     for path in (pred_path, *parts):
         for rec in read_jsonl(path):
+            written.append(str(rec["id"]))
             records.setdefault(str(rec["id"]), rec)
     order = {str(it["id"]): i for i, it in enumerate(items)}
     merged = sorted(records.values(), key=lambda r: order.get(str(r["id"]), len(order)))
+    if not parts and written == [str(r["id"]) for r in merged]:
+        return
     atomic_write_text(pred_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged))
     for path in parts:
         path.unlink()

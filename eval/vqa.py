@@ -3,14 +3,15 @@ multiple-choice MMBench (circular) and ScienceQA-IMG. Data from an HF dataset (`
 `split`) or the benchmark's own local files (see docs/eval_tasks.md for each layout)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Hashable, Optional
 
 from eval.base import TASKS, Task
-from eval.data import B64Image, hf_rows, load_hf, open_image, read_records
+from eval.data import B64Image, HFImage, hf_rows, load_hf, open_image, read_records
 from eval.metrics import (ANSWER_PARSERS, LETTERS, VQA_NORMALIZE_MODES, ItemScore, by_metric, circular_accuracy,
                           extract_choice, gqa_exact_match, letter_probabilities, mme_metrics, mme_parse,
                           pope_item_scores, pope_metrics, pope_parse, ratio_of_sums, vqa_accuracy)
@@ -19,6 +20,42 @@ from vlm.errors import UserError
 
 SHORT = "<image>\n{question}\nAnswer the question using a single word or phrase."
 LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+def image_ref_key(ref: Any) -> Hashable | None:
+    """A key equal for references to the same image: a file path, a dataset cell, inline base64 (a list: the tuple
+    of its keys); None where the reference says nothing (raw bytes, an image object)."""
+    if isinstance(ref, (list, tuple)):
+        keys = tuple(image_ref_key(r) for r in ref)
+        return None if None in keys else keys
+    if isinstance(ref, (str, Path)):
+        return ("path", str(ref))
+    if isinstance(ref, HFImage):
+        return ("hf", id(ref.ds), ref.index, ref.column)
+    if isinstance(ref, B64Image):
+        return ("b64", ref.data)
+    return None
+
+
+def open_shared(refs: list[Any], root: Path | None) -> list[Any]:
+    """`open_image` of each reference, where equal images come back as one object: a reference is opened once, and
+    images with equal pixels (hub rows that each carry a copy of an image) are merged. `VLM.generate` computes the
+    prompt prefix of an image object once for all the questions on it."""
+    opened: dict[Hashable, Any] = {}
+    by_pixels: dict[tuple, Any] = {}
+
+    def one(ref: Any) -> Any:
+        key = image_ref_key(ref)
+        if key is None or key not in opened:
+            image = open_image(ref, root)
+            digest = (image.mode, image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+            image = by_pixels.setdefault(digest, image)
+            if key is not None:
+                opened[key] = image
+            return image
+        return opened[key]
+
+    return [None if r is None else [one(x) for x in r] if isinstance(r, (list, tuple)) else one(r) for r in refs]
 
 
 def _need(cfg: dict, *keys: str) -> None:
@@ -45,8 +82,11 @@ class ShortAnswerTask(Task):
         ds = load_hf(self.cfg["hf"], self.cfg.get("split", self.default_split), self.cfg.get("config"))
         return hf_rows(ds, [image_column] if image_column in ds.column_names else [])
 
+    def group_key(self, item: dict) -> Hashable | None:
+        return image_ref_key(item["image"])
+
     def predict(self, model: Any, batch: list[dict]) -> list[dict]:
-        images = [open_image(it["image"], self.root) for it in batch]
+        images = open_shared([it["image"] for it in batch], self.root)
         prompts = [self.prompt.format(question=it["question"]) for it in batch]
         outs = model.generate(images, prompts, chat_template=self.chat_template, max_new_tokens=self.max_new_tokens)
         return [self.record(it, out) for it, out in zip(batch, outs)]
@@ -258,8 +298,11 @@ class ChoiceTask(Task):
         hint = f"{item['hint']}\n" if item.get("hint") else ""
         return f"<image>\n{hint}{item['question']}\n{opts}\n{LETTER_SUFFIX}"
 
+    def group_key(self, item: dict) -> Hashable | None:
+        return image_ref_key(item["image"])
+
     def predict(self, model: Any, batch: list[dict]) -> list[dict]:
-        images = [open_image(it["image"], self.root) for it in batch]
+        images = open_shared([it["image"] for it in batch], self.root)
         prompts = [self.prompt(it) for it in batch]
         recs = [{k: v for k, v in it.items() if k != "image"} for it in batch]
         if self.mode == "generate":

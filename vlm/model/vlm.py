@@ -8,6 +8,7 @@ samples in the same batch all follow from that one rule.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -259,9 +260,11 @@ class VLM(nn.Module):
     ) -> list[str]:
         """Greedy (by default) answers, one per prompt; `images[i]` is an image, a list of them, or None.
 
-        The prompts run as one batch (or chunks of `batch_size`): left-padded, with an attention mask and each
-        item's image features spliced in, decoded on the KV cache by HF `generate`; greedy answers equal those of
-        one prompt at a time. `stop_strings`: decoding of an answer stops once it holds one of them (a stopping
+        The prompts run as one batch (or chunks of `batch_size`), decoded on the KV cache by HF `generate`; greedy
+        answers equal those of one prompt at a time. Prompts that pass the same image objects and whose ids agree up
+        to and including their last image token share that prefix: the vision tower and the LLM run on it once per
+        distinct prefix, its cache is copied to each prompt, and only the rest of each prompt is prefilled
+        (`_generate_shared`). `stop_strings`: decoding of an answer stops once it holds one of them (a stopping
         criterion, checked every step), and the answer is cut before the first. `strip=False` keeps the text as
         decoded (a leading space included, as lm-eval's `hf` model returns it).
         """
@@ -275,25 +278,77 @@ class VLM(nn.Module):
         stops = [s for s in stop_strings if s]
         if stops:
             generate_kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        generate_kwargs.update(max_new_tokens=max_new_tokens, eos_token_id=sorted(eos), pad_token_id=pad_id)
         step = batch_size or max(len(prompts), 1)
         answers: list[str] = []
         for start in range(0, len(prompts), step):
             chunk_images = [as_image_list(x) for x in images[start:start + step]]
             seqs = [self._prompt_ids(p, len(im), chat_template) for p, im in zip(prompts[start:start + step], chunk_images)]
-            ids, mask = self._left_pad(seqs)
-            flat_images = [im for group in chunk_images for im in group]
-            embeds = self.embed(ids, self._image_embeds_for(flat_images))
-            out = self.language_model.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=sorted(eos),
-                pad_token_id=pad_id,
-                **generate_kwargs,
-            )
-            answers.extend(self.tokenizer.batch_decode(out, skip_special_tokens=True))
+            splits = [self._prefix_split(s, len(im)) for s, im in zip(seqs, chunk_images)]
+            shared = [i for i, k in enumerate(splits) if k is not None]
+            alone = [i for i, k in enumerate(splits) if k is None]
+            chunk: dict[int, str] = {}
+            if shared:
+                chunk.update(zip(shared, self._generate_shared([seqs[i] for i in shared], [splits[i] for i in shared],
+                                                               [chunk_images[i] for i in shared], generate_kwargs)))
+            if alone:
+                chunk.update(zip(alone, self._generate_whole([seqs[i] for i in alone], [chunk_images[i] for i in alone],
+                                                             generate_kwargs)))
+            answers.extend(chunk[i] for i in range(len(seqs)))
         answers = [cut_at_stop(a, stops) for a in answers]
         return [a.strip() for a in answers] if strip else answers
+
+    def _prefix_split(self, ids: list[int], n_images: int) -> int | None:
+        """Where a prompt's shareable prefix ends: after its last image token (the first token for a text-only
+        prompt); None when nothing would be left to prefill after it (the prompt ends with an image)."""
+        k = max(i for i, t in enumerate(ids) if t == self.image_token_id) + 1 if n_images else 1
+        return k if k < len(ids) else None
+
+    def _generate_whole(self, seqs: list[list[int]], images: list[list[Any]], gen: dict[str, Any]) -> list[str]:
+        """One left-padded batch of whole prompts, image features spliced in, through HF `generate`."""
+        ids, mask = self._left_pad(seqs)
+        embeds = self.embed(ids, self._image_embeds_for([im for group in images for im in group]))
+        out = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    def _generate_shared(self, seqs: list[list[int]], splits: list[int], images: list[list[Any]],
+                         gen: dict[str, Any]) -> list[str]:
+        """`seqs[i][:splits[i]]` is prompt i's prefix (its images inside it), the rest its suffix; splitting one
+        tokenisation of the whole prompt makes prefix + suffix the prompt's ids by construction.
+
+        Prompts with the same image objects and the same prefix ids form a group. The vision tower runs once on the
+        distinct image objects, the LLM once on each group's prefix (left-padded among the groups: [pad, prefix]),
+        and the cache rows are copied to the prompts. A prompt's row is then [pad, prefix | pad, suffix] with zeros
+        in the mask over both pad spans, so the positions HF `generate` counts from the mask are those of the prompt
+        alone; `generate` prefills the suffixes on the cache. It takes embeddings of the row's full width and reads
+        only the suffix part (the cached part is zeros, never read), so its output holds the new tokens only."""
+        groups: dict[tuple, int] = {}
+        member = [groups.setdefault((tuple(map(id, im)), tuple(s[:k])), len(groups))
+                  for s, k, im in zip(seqs, splits, images)]
+        first = [member.index(g) for g in range(len(groups))]
+        prefix_ids, prefix_mask = self._left_pad([seqs[i][:splits[i]] for i in first])
+        flat = [im for i in first for im in images[i]]
+        distinct = {id(im): im for im in flat}
+        features = None
+        if flat:
+            encoded = self.encode_images(self.preprocess(list(distinct.values())))
+            slot = {key: n for n, key in enumerate(distinct)}
+            features = encoded[torch.tensor([slot[id(im)] for im in flat], device=encoded.device)]
+        out = self.language_model(inputs_embeds=self.embed(prefix_ids, features), attention_mask=prefix_mask,
+                                  position_ids=positions_from_mask(prefix_mask), use_cache=True, logits_to_keep=1)
+        # the cache's name: `cache` in newer transformers 5.x (which warn on `past_key_values`), else `past_key_values`
+        cache_arg = "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
+        rows = torch.tensor(member, device=self.device)
+        cache = getattr(out, cache_arg)
+        cache.reorder_cache(rows)  # [groups, ...] -> [prompts, ...]
+        suffix_ids, suffix_mask = self._left_pad([s[k:] for s, k in zip(seqs, splits)])
+        embedding = self.language_model.get_input_embeddings()
+        embeds = torch.zeros((len(seqs), prefix_ids.shape[1] + suffix_ids.shape[1], embedding.weight.shape[1]),
+                             dtype=embedding.weight.dtype, device=self.device)
+        embeds[:, prefix_ids.shape[1]:] = embedding(suffix_ids)
+        mask = torch.cat([prefix_mask[rows], suffix_mask], dim=1)
+        out = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **{cache_arg: cache}, **gen)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ score
     @torch.no_grad()
