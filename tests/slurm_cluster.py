@@ -1,17 +1,23 @@
-"""A real one-node SLURM cluster for tests: Debian's `slurm-wlm` with `munge`, configured in a temporary dir.
+"""A real SLURM cluster of two nodes on this one machine for tests: Debian's `slurm-wlm` with `munge`, configured in
+a temporary dir.
 
-`start_cluster(folder)` writes a key for munged and a slurm.conf, starts munged, slurmctld and slurmd (all as
-root, all state, sockets, logs and pid files inside `folder`, on free ports so nothing on the machine is
-touched), waits until `sinfo` reports the node idle and returns a `Cluster`; `Cluster.stop()` stops every
-daemon it started. Client commands (sbatch, squeue, scontrol, sacct) find the cluster through `SLURM_CONF`.
+`start_cluster(folder)` writes a key for munged and a slurm.conf, starts munged, slurmctld and one slurmd per node
+(`slurmd -N <node>`: Debian builds SLURM with multiple-slurmd support), all as root, all state, sockets, logs and
+pid files inside `folder`, on free ports so nothing on the machine is touched; waits until `sinfo` reports every
+node idle and returns a `Cluster`; `Cluster.stop()` stops every daemon it started. Client commands (sbatch, squeue,
+scontrol, sacct) find the cluster through `SLURM_CONF`.
 
-Partitions (all on the one node):
+Nodes: the machine's hostname and `localhost` (both name this machine, so a multi-node job's rendezvous at its
+first host works), each with half the machine's CPUs and memory, reached at 127.0.0.1 on ports of their own.
+Partitions (both nodes):
   debug   the default; no time limit
   short   MaxTime=1 minute, for time-limit tests (a job's `--signal=USR2@N` arrives up to 60 s before the limit,
           slurmctld checks limits every 30 s)
 `JobRequeue=1` lets jobs requeue themselves (`scontrol requeue`, which submitit's checkpointing calls), and
 `AuthInfo=...,cred_expire=10` shortens the wait before a requeued job may start again from SLURM's default 120 s to
-about 10 s. `KillWait=10`: SIGKILL follows SIGTERM (scancel, time limit) after 10 s.
+about 10 s; `SchedulerParameters=sched_interval=5`: the scheduler looks at pending jobs (a requeued one waiting for
+its begin time) every 5 s, not SLURM's default 60 s. `KillWait=30` (SLURM's default): SIGKILL follows SIGTERM
+(scancel, `scontrol requeue`, preemption, the hard time limit) after 30 s.
 
 `available()` says why a cluster cannot be started here (None when it can); `ensure_installed()` installs the
 packages with apt-get when running as root (dev.py calls it before the tests in CI).
@@ -87,7 +93,7 @@ def _node_line() -> str:
 class Cluster:
     folder: Path
     conf: Path
-    node: str
+    nodes: list[str]
     env: dict[str, str]
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -99,20 +105,20 @@ class Cluster:
         return res.stdout
 
     def node_state(self) -> str:
-        """`idle`, `mixed`, `allocated`, `down`, ... (the node is listed once per partition; those agree)."""
+        """The states of the nodes: `idle`, `mixed`, `allocated`, `down`, ..., comma-separated when they differ."""
         states = set(self.run("sinfo", "-h", "-N", "-o", "%T", check=False).split())
         return ",".join(sorted(states))
 
     def logs(self) -> str:
         parts = []
-        for name in ("slurmctld", "slurmd", "munged"):
+        for name in ("slurmctld", *(f"slurmd.{n}" for n in self.nodes), "munged"):
             path = self.folder / f"{name}.log"
             if path.exists():
                 parts.append(f"--- {name}.log (tail)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-30:]))
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Cancel every job, stop slurmd, slurmctld and munged (in that order, waiting until each has exited), then
+        """Cancel every job, stop the slurmds, slurmctld and munged (in that order, waiting until each has exited), then
         end what is left of the jobs (slurmstepd outlives slurmd by design): every process whose environment
         names this cluster's SLURM_CONF."""
         if self.pids.get("slurmctld"):
@@ -122,10 +128,8 @@ class Cluster:
                 deadline = time.time() + 20
                 while time.time() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).split():
                     time.sleep(0.5)
-        for name in reversed(DAEMONS):
-            pid = self.pids.pop(name, None)
-            if pid is None:
-                continue
+        for name in reversed(list(self.pids)):  # started munged, slurmctld, then each slurmd
+            pid = self.pids.pop(name)
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -178,8 +182,8 @@ def _read_pid(path: Path, timeout: float) -> int:
     raise RuntimeError(f"no pid file {path} after {timeout:.0f} s")
 
 
-def write_config(folder: Path) -> tuple[Path, str, dict[str, str]]:
-    """munge key, slurm.conf and the client environment for a cluster living in `folder`."""
+def write_config(folder: Path) -> tuple[Path, list[str], dict[str, str]]:
+    """munge key, slurm.conf (its node names) and the client environment for a cluster living in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     for sub in ("state", "spool", "munge"):
         (folder / sub).mkdir(exist_ok=True)
@@ -188,26 +192,31 @@ def write_config(folder: Path) -> tuple[Path, str, dict[str, str]]:
     key.write_bytes(os.urandom(1024))
     os.chmod(key, 0o400)
     node_line = _node_line()
-    node = node_line.split()[0].split("=", 1)[1]
+    host = node_line.split()[0].split("=", 1)[1]
     fields = {kv.split("=", 1)[0]: kv.split("=", 1)[1] for kv in node_line.split()}
-    ctld_port, slurmd_port = _free_ports(2)
+    nodes = [host, "localhost"]
+    if host == "localhost":
+        raise RuntimeError("the test cluster names its nodes after the hostname and localhost; the hostname is localhost")
+    ctld_port, *ports = _free_ports(1 + len(nodes))
+    cpus, mem = max(1, int(fields["CPUs"]) // len(nodes)), int(fields["RealMemory"]) * 9 // 10 // len(nodes)
+    node_lines = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
+                           f"RealMemory={mem} State=UNKNOWN" for n, port in zip(nodes, ports))
     conf = folder / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=vlmtest
-SlurmctldHost={node}
+SlurmctldHost={host}
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={folder / 'munge' / 'munge.socket'},cred_expire=10
 StateSaveLocation={folder / 'state'}
-SlurmdSpoolDir={folder / 'spool'}
+SlurmdSpoolDir={folder / 'spool' / '%n'}
 SlurmctldPidFile={folder / 'slurmctld.pid'}
-SlurmdPidFile={folder / 'slurmd.pid'}
+SlurmdPidFile={folder / 'slurmd.%n.pid'}
 SlurmctldLogFile={folder / 'slurmctld.log'}
-SlurmdLogFile={folder / 'slurmd.log'}
+SlurmdLogFile={folder / 'slurmd.%n.log'}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -217,28 +226,30 @@ MailProg=/bin/true
 SwitchType=switch/none
 ReturnToService=2
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=5
+SlurmdParameters=config_overrides
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 JobRequeue=1
-KillWait=10
+KillWait=30
 MinJobAge=600
 InactiveLimit=0
-NodeName={node} CPUs={fields['CPUs']} RealMemory={int(fields['RealMemory']) * 9 // 10} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
-PartitionName=short Nodes={node} MaxTime=1 State=UP
+{node_lines}
+PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes={','.join(nodes)} MaxTime=1 State=UP
 """)
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    return conf, node, env
+    return conf, nodes, env
 
 
 def start_cluster(folder: Path, timeout: float = 60.0) -> Cluster:
-    """Start munged, slurmctld and slurmd for a cluster in `folder`; wait until the node is idle."""
-    conf, node, env = write_config(Path(folder))
+    """Start munged, slurmctld and a slurmd per node for a cluster in `folder`; wait until every node is idle."""
+    conf, nodes, env = write_config(Path(folder))
     folder = Path(folder)
-    cluster = Cluster(folder=folder, conf=conf, node=node, env=env)
+    cluster = Cluster(folder=folder, conf=conf, nodes=nodes, env=env)
     try:
         m = folder / "munge"
         subprocess.run([_exe("munged"), "--force", f"--key-file={m / 'munge.key'}", f"--socket={m / 'munge.socket'}",
@@ -247,14 +258,16 @@ def start_cluster(folder: Path, timeout: float = 60.0) -> Cluster:
         cluster.pids["munged"] = _read_pid(m / "munged.pid", 10)
         subprocess.run([_exe("slurmctld"), "-f", str(conf), "-i"], env=env, check=True, capture_output=True)
         cluster.pids["slurmctld"] = _read_pid(folder / "slurmctld.pid", 20)
-        subprocess.run([_exe("slurmd"), "-f", str(conf)], env=env, check=True, capture_output=True)
-        cluster.pids["slurmd"] = _read_pid(folder / "slurmd.pid", 20)
+        for node in nodes:
+            (folder / "spool" / node).mkdir(exist_ok=True)
+            subprocess.run([_exe("slurmd"), "-f", str(conf), "-N", node], env=env, check=True, capture_output=True)
+            cluster.pids[f"slurmd.{node}"] = _read_pid(folder / f"slurmd.{node}.pid", 20)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if cluster.node_state() == "idle":
                 return cluster
             time.sleep(0.5)
-        raise RuntimeError(f"node {node} not idle after {timeout:.0f} s (sinfo: {cluster.node_state()!r})\n{cluster.logs()}")
+        raise RuntimeError(f"nodes {nodes} not idle after {timeout:.0f} s (sinfo: {cluster.node_state()!r})\n{cluster.logs()}")
     except BaseException:
         cluster.stop()
         raise

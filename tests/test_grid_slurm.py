@@ -1,6 +1,7 @@
 """Cluster-grade grids: stop-with-checkpoint and exact resume, multi-node launch, eval jobs, and the smoke grid on a
-real one-node SLURM cluster (tests/slurm_cluster.py; skipped without root + slurm-wlm, `python3 dev.py test`
-installs them in CI). The submitit debug-executor tests run everywhere.
+real SLURM cluster of two slurmd "nodes" on this machine (tests/slurm_cluster.py; skipped without root +
+slurm-wlm, `python3 dev.py test` installs them in CI): time limits, `scontrol requeue` (preemption), `scancel`, a
+2-node training. The submitit debug-executor tests run everywhere.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import slurm_cluster
 from vlm.errors import UserError
 from vlm.grid.executors import read_record
 from vlm.grid.points import launch, load_plan, plan_grid, point_state
-from vlm.grid.slurm import node_launcher, rendezvous_port
+from vlm.grid.slurm import node_launcher, rendezvous_port, sigterm_verdict
 from vlm.grid.spec import load_grid
 from vlm.io import read_json, read_jsonl
 from vlm.train import stop
@@ -88,6 +89,38 @@ def test_sigusr2_requests_a_stop():
     finally:
         stop.clear()
         signal.signal(stop.STOP_SIGNAL, old)
+
+
+def test_sigterm_in_a_grid_trainer_requests_a_stop(monkeypatch):
+    """A trainer the grid runs (VLM_STOP_FILE set) takes SIGTERM (SLURM's preemption, requeue, cancel) as a stop
+    request (and drops PyTorch's DataLoader SIGCHLD check: SLURM's SIGTERM ends the loader's workers too, which must
+    not make the stopping trainer raise); a plain `vlm train` keeps SIGTERM's default action."""
+    stop.clear()
+    old = {s: signal.getsignal(s) for s in (stop.STOP_SIGNAL, signal.SIGTERM, signal.SIGCHLD)}
+    try:
+        monkeypatch.delenv(stop.STOP_FILE_ENV, raising=False)
+        stop.install_handler()
+        assert signal.getsignal(signal.SIGTERM) is old[signal.SIGTERM]
+        monkeypatch.setenv(stop.STOP_FILE_ENV, "/nonexistent/stop-file")
+        stop.install_handler()
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # as a DataLoader sets it
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested() and signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    finally:
+        stop.clear()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_sigterm_verdict_from_scontrol_show_job():
+    """What the job reads from `scontrol show job -o` at SIGTERM (fields as SLURM 22.05 printed them in the
+    cluster below): `scontrol requeue` / a REQUEUE preemption has counted the restart already; `scancel` has not
+    (here after one earlier requeue: SLURM_RESTART_COUNT=1); a GraceTime preemption leaves the job RUNNING."""
+    assert sigterm_verdict("JobId=7 JobState=COMPLETING Reason=None Requeue=1 Restarts=1 BatchFlag=1", 0) == "requeued"
+    assert sigterm_verdict("JobId=7 JobState=COMPLETING Reason=None Requeue=1 Restarts=1 BatchFlag=1", 1) == "ending"
+    assert sigterm_verdict("JobId=7 JobState=RUNNING Reason=None Requeue=1 Restarts=0 BatchFlag=1", 0) == "running"
+    assert sigterm_verdict("JobId=7 JobState=CANCELLED Reason=None Restarts=0", 0) == "ending"
 
 
 # ---------------------------------------------------------------- multi-node
@@ -304,6 +337,125 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, m
     steps = [(m["stage"], m["step"]) for m in read_jsonl(out / pid / "metrics.jsonl") if "loss" in m]
     assert steps == [("align", 1), ("finetune", 1), ("finetune", 2)]  # resumed, nothing redone or skipped
     assert read_json(out / pid / "results.json")["fine_grained"] is not None
+
+
+# `vlm` as the grid runs it, but the first `train` holds still after its N-th optimizer step (where it checks for a
+# stop request) until a stop is requested, and says so in a file: the test requeues the job exactly there
+HOLD_AFTER_STEP = r'''
+import os, runpy, sys, time
+from pathlib import Path
+marker = Path(os.environ["VLM_TEST_MARKER"])
+if sys.argv[1] == "train" and not marker.exists():
+    from vlm.train import stop
+    real, calls = stop.requested, []
+    def requested():
+        calls.append(1)
+        if len(calls) == int(os.environ["VLM_TEST_HOLD_AFTER"]):
+            marker.touch()
+            deadline = time.time() + 600
+            while not real() and time.time() < deadline:
+                time.sleep(0.1)
+        return real()
+    stop.requested = requested
+runpy.run_module("vlm", run_name="__main__")
+'''
+
+
+def test_requeue_by_slurm_sigterm_stops_with_a_checkpoint_and_resumes_once(cluster, tmp_path, monkeypatch):
+    """`scontrol requeue` on a running training job (what SLURM does to a job it preempts with PreemptMode=REQUEUE):
+    SLURM sends SIGTERM to every process of the job; the trainer, held after stage 2's step 3 of 4 (a periodic
+    checkpoint at step 2), stops there with a checkpoint; the job records the point `queued` with a `preempted`
+    event and does not requeue itself (SLURM counts one restart); the requeued job resumes at step 3: every step
+    is logged once, and the point ends done once, with its report row."""
+    wrapper = tmp_path / "vlm_hold.py"
+    wrapper.write_text(HOLD_AFTER_STEP)
+    marker = tmp_path / "first-attempt-held"
+    monkeypatch.setenv("VLM_TEST_MARKER", str(marker))
+    monkeypatch.setenv("VLM_TEST_HOLD_AFTER", "3")  # finetune steps 1-3 (a stage's last step asks nothing)
+    raw = yaml.safe_load((ROOT / "recipes/grids/smoke.yaml").read_text())
+    path = tmp_path / "pre.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "preempt", "base": str(ROOT / "recipes/smoke.yaml"),
+        "set": {**raw["set"], "stages.align.max_steps": 1, "stages.finetune.max_steps": 4,
+                "stages.finetune.save_every": 2},
+        "axes": {"s2lr": {"key": "stages.finetune.optim.lr", "values": {"1e-4": 1.0e-4}}},
+        "slurm": {"timeout_min": 10, "cpus_per_task": 1}}))
+    out, pid = tmp_path / "gd", "s2lr=1e-4"
+    jobs = launch(path, out, executor="slurm", cli=[sys.executable, str(wrapper)], echo=lambda *_: None)
+    assert len(jobs) == 1  # training and eval in one job
+    job_id = read_record(out, pid)["job_id"]
+    deadline = time.time() + 600  # start-up alone took 5 min on the 2-core VM at load average 23
+    while not marker.exists():
+        assert time.time() < deadline and cluster.run("squeue", "-h", "-j", job_id, check=False).strip(), \
+            (cluster.run("squeue"), cluster.logs(), (out / "_grid/logs" / f"{pid}.log").read_text()[-3000:])
+        time.sleep(0.5)
+    assert (out / pid / "stages" / "finetune" / "checkpoints" / "step_00000002").is_dir()  # the periodic one
+    cluster.run("scontrol", "requeue", job_id)
+    _wait_idle(cluster, 420)
+    events = list(read_jsonl(out / "_grid" / "events.jsonl"))
+    names = [e["event"] for e in events]
+    log = (out / "_grid" / "logs" / f"{pid}.log").read_text()
+    assert point_state(out, pid) == "done", (names, read_record(out, pid), log[-3000:])
+    assert names == ["start", "preempted", "start", "done"], names  # never failed, never requeued by the job itself
+    assert events[1]["slurm"] == "requeued"  # the job's SIGTERM handler ran and found SLURM requeueing it
+    assert "Restarts=1 " in cluster.run("scontrol", "show", "job", "-o", job_id)  # requeued once, by SLURM
+    assert "stage finetune stopped at step 3/4 on request; checkpoint saved" in log
+    steps = [(m["stage"], m["step"]) for m in read_jsonl(out / pid / "metrics.jsonl") if "loss" in m]
+    assert steps == [("align", 1), *(("finetune", k) for k in (1, 2, 3, 4))]  # resumed at 3: nothing redone
+    assert read_record(out, pid)["attempts"] == 2
+
+    from vlm.report.render import build_report
+
+    build_report(out)
+    import csv
+
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run_id"], r["state"]) for r in rows] == [(pid, "done")] and rows[0]["fine_grained"] != ""
+
+
+def test_two_node_job_trains_one_run(cluster, tmp_path):
+    """`slurm.nodes: 2` on the cluster's two slurmd nodes: one job, one task per node, each starts torchrun for its
+    node (gloo, one CPU process each) and they form ONE training of 2 processes: world size 2 in the manifest,
+    each step logged once, the global batch twice the per-process one (8 captions at 4 per process: one epoch per
+    step), the artifact keyed by 2 processes; the point is evaluated and done once."""
+    raw = yaml.safe_load((ROOT / "recipes/grids/smoke.yaml").read_text())
+    path = _grid(tmp_path, {"set": {**raw["set"], "stages.align.max_steps": 2, "stages.finetune.max_steps": 1,
+                                    "stages.finetune.batch_size": 1},  # 4 instructions: 1 x 2 processes x 2 accum
+                            "axes": {"s2lr": {"key": "stages.finetune.optim.lr", "values": {"1e-4": 1.0e-4}}},
+                            "slurm": {"nodes": 2, "gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 10}})
+    out, pid = tmp_path / "gd", "s2lr=1e-4"
+    jobs = launch(path, out, executor="slurm", echo=lambda *_: None)
+    assert len(jobs) == 1
+    job_id = read_record(out, pid)["job_id"]
+    _wait_idle(cluster, 420)
+    log = (out / "_grid" / "logs" / f"{pid}.log").read_text()
+    assert point_state(out, pid) == "done", (read_record(out, pid), log[-3000:],
+                                             (out / "_grid/logs" / f"{pid}.node1.log").read_text()[-3000:])
+    job = cluster.run("scontrol", "show", "job", "-o", job_id)
+    assert "NumNodes=2 " in job and f"NodeList={','.join(sorted(cluster.nodes))} " in job, job
+    assert "--nnodes 2 --node_rank 0 --nproc_per_node 1" in log
+    assert "--nnodes 2 --node_rank 1" in (out / "_grid" / "logs" / f"{pid}.node1.log").read_text()
+    run = out / pid
+    manifest = read_json(run / "manifest.json")
+    assert manifest["hardware"]["world_size"] == 2
+    metrics = [m for m in read_jsonl(run / "metrics.jsonl") if "loss" in m]
+    assert [(m["stage"], m["step"]) for m in metrics] == [("align", 1), ("align", 2), ("finetune", 1)]
+    captions = manifest["data"]["captions"]["records"]
+    per_epoch = captions // (4 * 2)  # steps per epoch at batch_size 4 x 2 processes
+    assert per_epoch == 1 and [m["epoch"] for m in metrics if m["stage"] == "align"] == [0, 1]  # 1 process: [0, 0]
+    from vlm.recipe.keys import stage_keys
+    from vlm.recipe.schema import load_recipe
+
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert recipe["distributed"]["num_processes"] == 2
+    over = [f"{k}={json.dumps(v)}" for k, v in load_plan(out)["points"][0]["overrides"].items()]
+    key = read_json(run / "stages" / "align" / "artifact.json")["key"]
+    assert key == stage_keys(load_recipe(ROOT / "recipes/smoke.yaml", over))[0]
+    one = [o for o in over if not o.startswith("distributed.num_processes=")]
+    assert key != stage_keys(load_recipe(ROOT / "recipes/smoke.yaml", one))[0]
+    assert [e["event"] for e in read_jsonl(out / "_grid" / "events.jsonl")] == ["start", "done"]
+    assert read_json(run / "results.json")["fine_grained"] is not None
 
 
 def test_smoke_grid_on_slurm_with_eval_jobs_and_a_cancelled_job(cluster, tmp_path):

@@ -8,8 +8,10 @@ Grid dir layout (bookkeeping lives in `_grid/`, run dirs are `GRID_DIR/<point id
     _grid/points/<id>.json    the point's launcher record: state, attempts, error, log tail, job id
     _grid/locks/<id>.lock     held while a process runs the point (two launchers never run it twice)
     _grid/logs/<id>.log       stdout+stderr of train and eval, appended per attempt
-    _grid/events.jsonl        start / done / failed / requeued / eval_done events with host and pid (an audit trail)
-    _grid/stop/<id>           created to make the point's trainer stop with a checkpoint (SLURM's warning signal)
+    _grid/events.jsonl        start / done / failed / requeued / preempted / interrupted / trained / eval_done events
+                              with host and pid (an audit trail)
+    _grid/stop/<id>           created to make the point's trainer stop with a checkpoint (SLURM's warning signal,
+                              SIGTERM)
     artifacts/                shared stage artifacts (`run.artifact_store`): points sharing stage 1 train it once
 """
 from __future__ import annotations
@@ -96,7 +98,7 @@ def _child_setup() -> None:
 
 
 def record_event(grid_dir: Path, pid: str, event: str, **fields: Any) -> None:
-    """Append to `_grid/events.jsonl` (the audit trail: start, done, failed, requeued, eval_done, ...)."""
+    """Append to `_grid/events.jsonl` (the audit trail: start, done, failed, requeued, preempted, eval_done, ...)."""
     append_jsonl(bookkeeping(grid_dir) / "events.jsonl", {"point": pid, "event": event, "time": time.time(),
                                                            "host": socket.gethostname(), "process": os.getpid(), **fields})
 
@@ -174,18 +176,29 @@ def run_child(step: str, cmd: Sequence[str], log: Path, stop: Path | None) -> in
     return proc.returncode
 
 
-def stop_child() -> tuple[str | None, int | None]:
-    """Stop the child `run_child` is waiting for and reap it: (its step, its exit code); (None, None) when there was
-    none, the code None when the interrupted wait had already reaped it. A trainer gets its stop file and ends at
-    its next step boundary with a checkpoint; any other step gets SIGTERM."""
+def ask_child_to_stop() -> None:
+    """Ask the child `run_child` is waiting for to end, without waiting: a trainer gets its stop file (it ends at its
+    next step boundary with a checkpoint), any other step SIGTERM."""
     if not _CHILD:
-        return None, None
+        return
     step, proc, stop = _CHILD["step"], _CHILD["proc"], _CHILD["stop"]
     try:
         if step == "train" and stop is not None:
             stop.touch()
         else:
             os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def stop_child() -> tuple[str | None, int | None]:
+    """Stop the child `run_child` is waiting for (`ask_child_to_stop`) and reap it: (its step, its exit code);
+    (None, None) when there was none, the code None when the interrupted wait had already reaped it."""
+    if not _CHILD:
+        return None, None
+    step, proc = _CHILD["step"], _CHILD["proc"]
+    ask_child_to_stop()
+    try:
         _, status = os.waitpid(proc.pid, 0)
     except (ChildProcessError, ProcessLookupError):
         return step, None

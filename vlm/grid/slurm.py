@@ -8,6 +8,15 @@ SLURM's warning signal (time limits), multi-node training, and evaluation in job
   requeued job runs `vlm train` on the same run dir again, which resumes bitwise from that checkpoint. A job may be
   requeued for its time limit `slurm.max_num_timeout` times (default 20). A job whose training ended just as the
   signal came is not requeued when nothing is left to do in it.
+- **Preemption, `scontrol requeue`, `scancel`** (SLURM's SIGTERM to every process of the job, SIGKILL KillWait or
+  GraceTime seconds later): the job asks SLURM what it is doing (`scontrol show job`, `sigterm_verdict`), asks the
+  trainer to stop (it takes SIGTERM as a stop request too, `vlm.train.stop`, and saves a checkpoint at its next step
+  boundary if it gets there before SIGKILL; else the last periodic one, `save_every`, is where it resumes), records
+  the point `queued` (or, cancelled, leaves it to show `interrupted`) with a `preempted` (`interrupted`) event, waits
+  for the trainer and ends. SLURM requeues a preempted job itself (PreemptMode=REQUEUE, `scontrol requeue`): the job
+  never requeues it a second time. Only a SIGTERM that SLURM has not acted on yet (a preemption with GraceTime,
+  whose requeue would come at its end, or `scancel --signal=TERM`) makes the job requeue itself, as at the warning
+  signal. A SIGTERM during the warning signal's stop (the hard limit) is left to that stop.
 - **Multi-node** (`slurm.nodes: N > 1`): the job has one task per node; each starts `torchrun` for its node
   (`--nnodes N --node_rank $SLURM_NODEID --nproc_per_node P`, the rendezvous at the first host of the allocation,
   `scontrol show hostnames $SLURM_JOB_NODELIST`), so the N nodes run one training of N x P processes. The first
@@ -28,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,9 +48,9 @@ from omegaconf import OmegaConf
 
 from eval.runner import resolve_task, summarize
 from vlm.errors import UserError
-from vlm.grid.executors import (DONE, EVALUATING, FAILED, QUEUED, STOPPED_EXIT_CODE, bookkeeping, default_cli, is_locked, log_path,
-                                read_record, record_event, run_child, run_point, stop_child, stop_file, tail,
-                                train_command, write_record)
+from vlm.grid.executors import (DONE, EVALUATING, FAILED, QUEUED, RUNNING, STOPPED_EXIT_CODE, ask_child_to_stop, bookkeeping,
+                                default_cli, is_locked, log_path, read_record, record_event, run_child, run_point,
+                                stop_child, stop_file, tail, train_command, write_record)
 from vlm.grid.spec import load_grid
 from vlm.io import atomic_write_json, atomic_write_text, read_json
 
@@ -88,6 +98,93 @@ def node_launcher(procs_per_node: int, nodes: int, environ: dict[str, str] | Non
             "--master_addr", hosts[0], "--master_port", str(rendezvous_port(env["SLURM_JOB_ID"]))]
 
 
+# ---------------------------------------------------------------- SIGTERM: preemption, requeue, cancel
+
+_ENDING: list[str] = []  # set once the job is ending for a signal (the warning signal or SIGTERM): the other waits
+
+
+def sigterm_verdict(show_job: str, restart_count: int) -> str:
+    """What SLURM is doing with a job whose processes got SIGTERM, from `scontrol show job -o <id>` run then:
+    `requeued` (`scontrol requeue`, or a preemption in REQUEUE mode: SLURM has already counted the restart, its
+    `Restarts` exceeds this run's SLURM_RESTART_COUNT), `running` (nothing decided yet: a preemption with GraceTime,
+    requeued only at its end, or `scancel --signal=TERM`), or `ending` (cancelled, the hard time limit)."""
+    fields = dict(w.split("=", 1) for w in show_job.split() if "=" in w)
+    if int(fields.get("Restarts", "0")) > restart_count:
+        return "requeued"
+    return "running" if fields.get("JobState") == "RUNNING" else "ending"
+
+
+def _ask_slurm() -> str:
+    """`sigterm_verdict` for this job (`ending` when SLURM does not answer: nothing is requeued twice)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    res = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0 or not job:
+        return "ending"
+    return sigterm_verdict(res.stdout, int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+
+
+def _requeue_self() -> str | None:
+    """`scontrol requeue` this job (as submitit does at the warning signal); the error when SLURM refuses."""
+    res = subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], capture_output=True, text=True, timeout=60)
+    return None if res.returncode == 0 else (res.stderr or res.stdout).strip() or f"exit code {res.returncode}"
+
+
+def _on_sigterm(record: Callable[[str, str | None], None] | None) -> None:
+    """Make SIGTERM end this job as `vlm.grid.slurm`'s docstring says; `record(verdict, requeue_error)` keeps the
+    bookkeeping (None on the other nodes of a multi-node training, which only stop their trainer)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if _ENDING:  # the warning signal's stop is under way: it decides (a SIGTERM now is the hard limit)
+            return
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # no warning-signal requeue on top of SLURM's
+        _ENDING.append("sigterm")
+        ask_child_to_stop()  # before asking SLURM: the trainer's grace time runs
+        verdict = _ask_slurm()
+        if record:
+            record(verdict, None)
+        stop_child()
+        if verdict == "running" and record:
+            error = _requeue_self()
+            if error:
+                record("ending", error)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _record_point_sigterm(grid_dir: Path, pid: str, evaluate: bool) -> Callable[[str, str | None], None]:
+    """The training job's bookkeeping at SIGTERM: the point `queued` when SLURM (or the job) requeues it, else left
+    `running` so that it shows `interrupted` once the job is gone; a `preempted` or `interrupted` event."""
+    def record(verdict: str, requeue_error: str | None) -> None:
+        rec = read_record(grid_dir, pid)
+        when = time.strftime("%H:%M:%S")
+        if rec.get("state") == DONE or (not evaluate and rec.get("trained")):  # nothing left to resume
+            record_event(grid_dir, pid, "preempted" if verdict != "ending" else "interrupted", slurm=verdict)
+        elif verdict == "ending" or requeue_error:
+            why = f"the job could not requeue itself: {requeue_error}" if requeue_error else "cancelled or its hard limit"
+            write_record(grid_dir, pid, state=RUNNING, note=f"SIGTERM at {when} ({why}); "
+                                                            "run `vlm grid GRID_DIR --executor slurm` again to resume")
+            record_event(grid_dir, pid, "interrupted", slurm=verdict, **({"error": requeue_error} if requeue_error else {}))
+        else:
+            write_record(grid_dir, pid, state=QUEUED, error=None, log_tail=None,
+                         note=f"requeued at {when} (SIGTERM: preemption or `scontrol requeue`)")
+            record_event(grid_dir, pid, "preempted", slurm=verdict)
+    return record
+
+
+def _record_task_sigterm(grid_dir: Path, pid: str, name: str) -> Callable[[str, str | None], None]:
+    """An eval job's bookkeeping at SIGTERM: the task `queued` when requeued (it resumes from its saved
+    predictions), else left `running` with a job SLURM no longer has (the next `vlm grid` resubmits it)."""
+    def record(verdict: str, requeue_error: str | None) -> None:
+        if verdict != "ending" and not requeue_error:
+            _set_task(grid_dir, pid, name, state=QUEUED)
+        record_event(grid_dir, pid, "interrupted" if verdict == "ending" or requeue_error else "preempted",
+                     task=name, slurm=verdict)
+    return record
+
+
 # ---------------------------------------------------------------- the training job
 
 
@@ -99,11 +196,14 @@ class PointJob(submitit.helpers.Checkpointable):
                  evaluate: bool) -> str:
         env = submitit.JobEnvironment()
         if env.global_rank == 0:  # the point's bookkeeping; on one node `accelerate launch` as when run locally
+            if env.cluster == "slurm":
+                _on_sigterm(_record_point_sigterm(Path(grid_dir), pid, evaluate))
             launcher = node_launcher(procs_per_node, nodes) if nodes > 1 else []
             state = run_point(grid_dir, pid, cli, launcher=launcher, evaluate=evaluate)
             if state == EVALUATING:
                 _ensure_eval_jobs(Path(grid_dir), pid, cli)
             return state
+        _on_sigterm(None)
         launcher = node_launcher(procs_per_node, nodes)
         # another node of a multi-node training: its share of the processes, no bookkeeping (node 0 keeps it)
         plan = read_json(bookkeeping(Path(grid_dir)) / "plan.json")
@@ -119,6 +219,7 @@ class PointJob(submitit.helpers.Checkpointable):
         """SLURM's warning signal: stop the trainer at a step boundary (it saves a checkpoint) and requeue the job.
         When the work was already done (training ended as the signal came, and the eval tasks are jobs of their
         own), the job ends successfully instead; when the trainer failed, it ends without a requeue."""
+        _ENDING.append("warning")  # a SIGTERM from now on is the hard limit: this stop decides
         step, rc = stop_child()
         gd = Path(grid_dir)
         rec = read_record(gd, pid)
@@ -196,6 +297,8 @@ class EvalJob(submitit.helpers.Checkpointable):
             lock.acquire(timeout=0)
         except Timeout:
             return "busy"
+        if submitit.JobEnvironment().cluster == "slurm":
+            _on_sigterm(_record_task_sigterm(grid_dir_p, pid, name))
         try:
             rec = read_record(grid_dir_p, pid)
             state = rec.get("eval", {}).get(name, {})
@@ -217,6 +320,7 @@ class EvalJob(submitit.helpers.Checkpointable):
             lock.release()
 
     def checkpoint(self, grid_dir: str, pid: str, name: str, *args: Any) -> submitit.helpers.DelayedSubmission:
+        _ENDING.append("warning")
         stop_child()
         _set_task(Path(grid_dir), pid, name, state=QUEUED)
         return super().checkpoint(grid_dir, pid, name, *args)
