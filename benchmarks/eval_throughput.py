@@ -1,10 +1,15 @@
-"""Evaluation throughput: our eval path (`eval.runner.evaluate` on a VQA task: batched generation on the KV cache)
-against the loop users run today — an HF `generate` per item, batch 1, as lmms-eval's llava does it — on the same
-model (our VLM exported with `export_hf_llava`, loaded as `LlavaForConditionalGeneration` + `AutoProcessor`) and the
-same items; both must give the same answers.
+"""Evaluation throughput: our eval path (`eval.runner.evaluate` on a VQA task: batched generation on the KV cache,
+the image prefix shared by the questions on one image) against the loop users run today — an HF `generate` per
+item, batch 1, as lmms-eval's llava does it — on the same model (our VLM exported with `export_hf_llava`, loaded as
+`LlavaForConditionalGeneration` + `AutoProcessor`) and the same items; both must give the same answers.
 
-    .venv/bin/python benchmarks/eval_throughput.py                      # cpu-small model, 24 items, batch 12
-    .venv/bin/python benchmarks/eval_throughput.py --quick              # tiny model, 16 items
+Two cases: a TextVQA-layout task, one question per image (`--items`), and a VQAv2-layout task (questions and
+annotations JSON, COCO_val2014_<id>.jpg) with VQAv2 val's questions per image, 214,354 / 40,504 = 5.29
+(`--vqav2-images` images, 5 or 6 questions each, spread so that the mean is that ratio; questions of an image
+consecutive as in the official file — our task groups them by image whatever the order).
+
+    .venv/bin/python benchmarks/eval_throughput.py                      # cpu-small model, 24 items / 6 images, batch 12
+    .venv/bin/python benchmarks/eval_throughput.py --quick              # tiny model, 16 items / 8 images
     .venv/bin/python benchmarks/eval_throughput.py --lm-eval            # also: the lm-eval adapter, s/document
 
 Both sides read the items' JPEGs from disk and render the prompt through the same chat template (the HF side with
@@ -15,7 +20,8 @@ before the limit: the decode share is that of long answers.
 `--lm-eval` times the `vlm_ablate` adapter on text-only lm-eval requests (a 4-way multiple-choice document: 4
 loglikelihood requests; a generation document: generate_until with `until: ["\\n\\n", "Question:"]`) against
 lm-eval's own `hf` model on the same LLM, and, with `--old-adapter REV`, the adapter as it was at git revision REV.
-Last line: `RATIO eval_items_per_s_ours_over_hf=<x> [lm_eval_s_per_doc_...]`.
+Last line: `RATIO eval_items_per_s_ours_over_hf=<x> vqav2_items_per_s_ours_over_hf=<y> [lm_eval_s_per_doc_...]`
+(a case given 0 items / images is skipped).
 """
 from __future__ import annotations
 
@@ -45,44 +51,77 @@ QUICK = {"encoder": C.clip_vision(64, 2, 2, 112, 14), "connector": {"type": "mlp
          "llm": C.llm("llama", 128, 512, 4, 4, 2, None, tie=False)}
 
 
-def write_items(root: Path, n: int, seed: int = 0) -> Path:
-    """`n` TextVQA-layout items (val.json + <image_id>.jpg): smooth photo-like images, landscape and square, whose
-    sizes resize to whole pixels under both sides' rounding (224 px short edge; widths 224, 280, 336)."""
+# VQAv2 val: 214,354 questions on 40,504 images
+VQAV2_QUESTIONS_PER_IMAGE = 214354 / 40504
+
+
+def write_image(path: Path, i: int, rng: Any) -> None:
+    """A smooth photo-like image, landscape or square, whose size resizes to whole pixels under both sides'
+    rounding (224 px short edge; widths 224, 280, 336)."""
     import numpy as np
     from PIL import Image
+
+    h, w = 224, (224, 280, 336)[i % 3]
+    yy, xx = np.mgrid[0:h, 0:w]
+    a, b, c = rng.uniform(0.2, 1.5, 3)
+    img = np.stack([xx * a, yy * b, (xx + yy) * c / 2], -1) % 256
+    Image.fromarray(img.astype(np.uint8)).save(path, quality=95)
+
+
+def textvqa_case(root: Path, n: int, max_new: int, seed: int = 0) -> tuple[dict, list[tuple[Path, str]]]:
+    """`n` TextVQA-layout items (val.json + <image_id>.jpg), one question per image: (task, [(image, question)])."""
+    import numpy as np
 
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        h, w = 224, (224, 280, 336)[i % 3]
-        yy, xx = np.mgrid[0:h, 0:w]
-        a, b, c = rng.uniform(0.2, 1.5, 3)
-        img = np.stack([xx * a, yy * b, (xx + yy) * c / 2], -1) % 256
-        Image.fromarray(img.astype(np.uint8)).save(root / f"{i}.jpg", quality=95)
+        write_image(root / f"{i}.jpg", i, rng)
         rows.append({"question_id": i, "image_id": str(i), "answers": ["yes"] * 10,
                      "question": QUESTIONS[i % len(QUESTIONS)] + " Look closely." * (i % 3)})
     (root / "val.json").write_text(json.dumps({"data": rows}))
-    return root / "val.json"
+    task = {"type": "textvqa", "name": "tv", "data_file": str(root / "val.json"), "max_new_tokens": max_new}
+    return task, [(root / f"{r['image_id']}.jpg", r["question"]) for r in rows]
 
 
-def ours(vlm: Any, data_file: Path, out: Path, batch: int, max_new: int) -> list[str]:
+def vqav2_case(root: Path, n_images: int, max_new: int, seed: int = 1) -> tuple[dict, list[tuple[Path, str]]]:
+    """A VQAv2-layout task on `n_images` images: image i gets floor((i+1)r) - floor(ir) questions, r = VQAv2 val's
+    questions per image (5 or 6 each, mean r), consecutive per image."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    questions, annotations, pairs = [], [], []
+    for i in range(n_images):
+        image = root / f"COCO_val2014_{i:012d}.jpg"
+        write_image(image, i, rng)
+        for k in range(int((i + 1) * VQAV2_QUESTIONS_PER_IMAGE) - int(i * VQAV2_QUESTIONS_PER_IMAGE)):
+            qid = i * 1000 + k
+            text = QUESTIONS[(i + 3 * k) % len(QUESTIONS)] + " Look closely." * (k % 3)
+            questions.append({"question_id": qid, "image_id": i, "question": text})
+            annotations.append({"question_id": qid, "answer_type": "other", "answers": [{"answer": "yes"}] * 10})
+            pairs.append((image, text))
+    (root / "questions.json").write_text(json.dumps({"questions": questions}))
+    (root / "annotations.json").write_text(json.dumps({"annotations": annotations}))
+    task = {"type": "vqav2", "name": "vqav2", "questions_file": str(root / "questions.json"),
+            "annotations_file": str(root / "annotations.json"), "max_new_tokens": max_new}
+    return task, pairs
+
+
+def ours(vlm: Any, task: dict, out: Path, batch: int) -> list[str]:
     from eval.runner import evaluate
     from vlm.io import read_jsonl
 
-    task = {"type": "textvqa", "name": "tv", "data_file": str(data_file), "max_new_tokens": max_new}
     evaluate(vlm, [task], out, batch_size=batch, overwrite=True)
-    return [r["prediction"] for r in read_jsonl(out / "eval" / "tv" / "predictions.jsonl")]
+    return [r["prediction"] for r in read_jsonl(out / "eval" / task["name"] / "predictions.jsonl")]
 
 
-def hf_per_item(hf: Any, proc: Any, data_file: Path, max_new: int) -> list[str]:
+def hf_per_item(hf: Any, proc: Any, pairs: list[tuple[Path, str]], max_new: int) -> list[str]:
     """lmms-eval's llava loop: one item at a time through the processor's chat template and `generate`."""
     from PIL import Image
 
-    rows = json.loads(data_file.read_text())["data"]
     answers = []
-    for r in rows:
-        image = Image.open(data_file.parent / f"{r['image_id']}.jpg").convert("RGB")
-        text = f"{r['question']}\nAnswer the question using a single word or phrase."
+    for path, question in pairs:
+        image = Image.open(path).convert("RGB")
+        text = f"{question}\nAnswer the question using a single word or phrase."
         msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
         inputs = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="pt").to(hf.device)
@@ -92,33 +131,45 @@ def hf_per_item(hf: Any, proc: Any, data_file: Path, max_new: int) -> list[str]:
     return answers
 
 
-def throughput(args: argparse.Namespace, vlm: Any, tmp: Path) -> float:
+def throughput(args: argparse.Namespace, vlm: Any, hf: Any, proc: Any, name: str, task: dict,
+               pairs: list[tuple[Path, str]], tmp: Path) -> float:
+    """Both sides on one case, alternating; prints its table and returns HF time / our time."""
+    got: dict[str, list[str]] = {}
+    sides = {"ours (vlm eval path)": lambda: got.__setitem__("ours", ours(vlm, task, tmp / "out", args.batch)),
+             "HF generate per item": lambda: got.__setitem__("hf", hf_per_item(hf, proc, pairs, args.max_new_tokens))}
+    res = C.alternate(sides, reps=args.reps, warmup=0, device=args.device, memory=False)
+    n, images = len(pairs), len({p for p, _ in pairs})
+    same = sum(a == b for a, b in zip(got["ours"], got["hf"]))
+    print(f"\n{name}: {n} items on {images} images ({n / images:.2f} per image), batch {args.batch}, max_new_tokens "
+          f"{args.max_new_tokens}, image tokens {vlm.num_image_tokens}; identical answers: {same}/{n}")
+    print("| side | median s | min | max | CPU s | items/s |\n|---|---|---|---|---|---|")
+    for side, r in res.items():
+        print(f"| {side} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['cpu_median']:.2f} | "
+              f"{n / r['median']:.3f} |")
+    if same != n:
+        bad = [(a, b) for a, b in zip(got["ours"], got["hf"]) if a != b][:3]
+        raise SystemExit(f"{name}: answers differ: {bad}")
+    return res["HF generate per item"]["median"] / res["ours (vlm eval path)"]["median"]
+
+
+def throughputs(args: argparse.Namespace, vlm: Any, tmp: Path) -> dict[str, float]:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from vlm.model.hf_llava import export_hf_llava
 
-    (tmp / "items").mkdir()
-    data_file = write_items(tmp / "items", args.items)
     export = export_hf_llava(vlm, tmp / "hf")
     # the PIL backend resizes as our encoders do (the torchvision one antialiases tensors and differs slightly)
     proc = AutoProcessor.from_pretrained(export, backend="pil")
     hf = LlavaForConditionalGeneration.from_pretrained(export, attn_implementation="sdpa").eval().to(args.device)
-    got: dict[str, list[str]] = {}
-    sides = {"ours (vlm eval path)": lambda: got.__setitem__("ours", ours(vlm, data_file, tmp / "out", args.batch,
-                                                                         args.max_new_tokens)),
-             "HF generate per item": lambda: got.__setitem__("hf", hf_per_item(hf, proc, data_file, args.max_new_tokens))}
-    res = C.alternate(sides, reps=args.reps, warmup=0, device=args.device, memory=False)
-    same = sum(a == b for a, b in zip(got["ours"], got["hf"]))
-    print(f"\nitems {args.items}, batch {args.batch}, max_new_tokens {args.max_new_tokens}, image tokens "
-          f"{vlm.num_image_tokens}; identical answers: {same}/{args.items}")
-    print("| side | median s | min | max | CPU s | items/s |\n|---|---|---|---|---|---|")
-    for name, r in res.items():
-        print(f"| {name} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['cpu_median']:.2f} | "
-              f"{args.items / r['median']:.3f} |")
-    if same != args.items:
-        bad = [(a, b) for a, b in zip(got["ours"], got["hf"]) if a != b][:3]
-        raise SystemExit(f"answers differ: {bad}")
-    return res["HF generate per item"]["median"] / res["ours (vlm eval path)"]["median"]
+    cases = {"eval": (textvqa_case, args.items, "TextVQA layout, 1 question per image"),
+             "vqav2": (vqav2_case, args.vqav2_images, "VQAv2 layout, VQAv2 val's questions per image")}
+    ratios = {}
+    for key, (make, n, title) in cases.items():
+        if n:
+            (tmp / key).mkdir()
+            task, pairs = make(tmp / key, n, args.max_new_tokens)
+            ratios[key] = throughput(args, vlm, hf, proc, title, task, pairs, tmp / key)
+    return ratios
 
 
 # --------------------------------------------------------------------------- lm-eval adapter
@@ -192,7 +243,8 @@ def lm_eval_times(args: argparse.Namespace, vlm: Any) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--items", type=int, default=24)
+    ap.add_argument("--items", type=int, default=24, help="TextVQA-layout items (one per image); 0 skips the case")
+    ap.add_argument("--vqav2-images", type=int, help="images of the VQAv2-layout case (default 6, --quick 8; 0 skips it)")
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=2)
@@ -204,12 +256,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.items = min(args.items, 16)
+    if args.vqav2_images is None:
+        args.vqav2_images = 8 if args.quick else 6
     C.set_threads(args.threads)
     print("machine:", C.machine(), "load average:", " ".join(Path("/proc/loadavg").read_text().split()[:3]))
     vlm = C.build(QUICK if args.quick else C.MODELS["cpu-small"], seed=0).eval().to(args.device)
     with tempfile.TemporaryDirectory() as d:
-        ratio = throughput(args, vlm, Path(d))
-    line = f"RATIO eval_items_per_s_ours_over_hf={ratio:.2f}"
+        ratios = throughputs(args, vlm, Path(d))
+    line = "RATIO " + " ".join(f"{k}_items_per_s_ours_over_hf={v:.2f}" for k, v in ratios.items())
     if args.lm_eval:
         t = lm_eval_times(args, vlm)
         line += " " + " ".join(f"lm_eval_s_per_doc_{k}={v:.3f}" for k, v in t.items())
