@@ -327,7 +327,21 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, m
     out = tmp_path / "gd"
     jobs = launch(path, out, executor="slurm", cli=[sys.executable, str(wrapper)], echo=lambda *_: None)
     assert len(jobs) == 3  # training, and one job per eval task (outside the 1-minute partition)
-    _wait_idle(cluster, 420)
+    marker, moved = tmp_path / "first-attempt-started", []
+
+    def give_the_requeued_job_time() -> None:
+        # In a 1-minute partition the requeued attempt's warning comes 0-30 s into it too, and on a loaded machine it
+        # can land while the job's Python is still importing (before any handler: SIGUSR2's default action ends the
+        # job, which then is not requeued). The first attempt is what this test is about; the requeued one, pending
+        # for its begin time, moves to the unlimited partition with a 5-minute limit (as a real partition's limit).
+        if moved or not marker.exists():
+            return
+        pending = cluster.run("squeue", "-h", "-p", "short", "-t", "PD", "-o", "%i").split()
+        for job in pending:
+            cluster.run("scontrol", "update", f"JobId={job}", "Partition=debug", "TimeLimit=5", check=False)
+            moved.append(job)
+
+    _wait_idle(cluster, 420, poll=give_the_requeued_job_time)
     pid = "s2lr=1e-4"
     events = [e["event"] for e in read_jsonl(out / "_grid" / "events.jsonl")]
     assert point_state(out, pid) == "done", (events, read_record(out, pid), (out / "_grid/logs" / f"{pid}.log").read_text()[-3000:])
